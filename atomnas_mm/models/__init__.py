@@ -1,0 +1,7 @@
+from .archs import ARCHS, PUBLISHED, get_arch, supernet_rows
+from .backbones import AtomNAS
+from .blocks import AtomicBlock
+from .cost import atom_costs, atom_weights, count_flops_params
+
+__all__ = ['ARCHS', 'PUBLISHED', 'get_arch', 'supernet_rows', 'AtomNAS',
+           'AtomicBlock', 'atom_costs', 'atom_weights', 'count_flops_params']

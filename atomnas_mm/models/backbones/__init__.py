@@ -1,0 +1,3 @@
+from .atomnas import AtomNAS
+
+__all__ = ['AtomNAS']

@@ -1,0 +1,17 @@
+"""Registries of atomnas_mm: children of mmengine's root registries.
+
+With ``locations`` set, ``type='atomnas_mm.AtomNAS'`` resolves from any scope
+(mmpretrain, mmdet) without ``custom_imports``.
+"""
+from mmengine.registry import HOOKS as MMENGINE_HOOKS
+from mmengine.registry import MODELS as MMENGINE_MODELS
+from mmengine.registry import OPTIMIZERS as MMENGINE_OPTIMIZERS
+from mmengine.registry import Registry
+
+MODELS = Registry('model', parent=MMENGINE_MODELS, scope='atomnas_mm',
+                  locations=['atomnas_mm.models'])
+HOOKS = Registry('hook', parent=MMENGINE_HOOKS, scope='atomnas_mm',
+                 locations=['atomnas_mm.engine.hooks'])
+OPTIMIZERS = Registry('optimizer', parent=MMENGINE_OPTIMIZERS,
+                      scope='atomnas_mm',
+                      locations=['atomnas_mm.engine.optimizers'])
