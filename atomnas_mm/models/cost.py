@@ -104,7 +104,8 @@ def count_flops_params(model, input_shape=(1, 3, 224, 224)):
     model.eval()
     try:
         with torch.no_grad():
-            x = torch.zeros(input_shape)
+            param = next(model.parameters(), None)
+            x = torch.zeros(input_shape, device=None if param is None else param.device)
             if hasattr(model, 'data_preprocessor'):
                 model(x, mode='tensor')
             else:

@@ -12,6 +12,8 @@ from ..archs import get_arch, supernet_rows
 from ..blocks import AtomicBlock
 from ..cost import atom_weights
 
+ARCH_KEYS = {'rows', 'stem_channels', 'last_channels', 'act_cfg', 'se_ratio'}
+
 
 def check_rows(rows):
     """Validate architecture rows; raise ValueError naming the bad field."""
@@ -60,8 +62,9 @@ class AtomNAS(BaseBackbone):
         stem_channels (int, optional): Stem width; defaults to the arch's.
         last_channels (int, optional): Head 1x1 conv width; defaults to the
             arch's or 1280.
-        out_indices (Sequence[int]): Outputs: 0..6 (or ``num_stages - 1``)
-            are the stages, ``num_stages`` the head conv. Defaults to (7,).
+        out_indices (Sequence[int], optional): Outputs: 0..6 (generally
+            ``0..num_stages - 1``) are the stages, ``num_stages`` is the head
+            conv. Defaults to the head conv, i.e. (7,) for the zoo archs.
         frozen_stages (int): Freeze the stem (0) and stages up to this one;
             -1 freezes nothing.
         conv_cfg (dict, optional): Conv config.
@@ -75,7 +78,7 @@ class AtomNAS(BaseBackbone):
     """
 
     def __init__(self, arch='supernet', stem_channels=None, last_channels=None,
-                 out_indices=(7, ), frozen_stages=-1, conv_cfg=None,
+                 out_indices=None, frozen_stages=-1, conv_cfg=None,
                  norm_cfg=dict(type='BN', momentum=0.01, eps=1e-3),
                  act_cfg=None, se_ratio=None, norm_eval=False, with_cp=False,
                  init_cfg=[dict(type='Kaiming', layer=['Conv2d']),
@@ -87,6 +90,10 @@ class AtomNAS(BaseBackbone):
             if arch == 'supernet' and stem_channels is not None:
                 spec['rows'] = supernet_rows(stem_channels)
         elif isinstance(arch, dict) and 'rows' in arch:
+            unknown = set(arch) - ARCH_KEYS
+            if unknown:
+                raise ValueError(f'arch: unknown keys {sorted(unknown)}; '
+                                 f'allowed {sorted(ARCH_KEYS)}')
             spec = copy.deepcopy(dict(arch))
         else:
             raise ValueError(f'arch: expected a zoo name or a dict with '
@@ -96,6 +103,7 @@ class AtomNAS(BaseBackbone):
         self.last_channels = last_channels or spec.get('last_channels', 1280)
         act_cfg = act_cfg or spec.get('act_cfg', dict(type='ReLU'))
         se_ratio = se_ratio if se_ratio is not None else spec.get('se_ratio')
+        self.act_cfg, self.se_ratio = copy.deepcopy(act_cfg), se_ratio
         rows = self._expand_repeats(spec['rows'])
         first = rows[0]
         if not first[5] and sum(first[4]) != self.stem_channels:
@@ -110,6 +118,8 @@ class AtomNAS(BaseBackbone):
             stage_of.append((stage_of[-1] + 1 if stage_of else 0) if new
                             else stage_of[-1])
         self.num_stages = stage_of[-1] + 1
+        if out_indices is None:
+            out_indices = (self.num_stages, )
         for index in out_indices:
             if index not in range(0, self.num_stages + 1):
                 raise ValueError(f'out_indices: {index} must be in range(0, '
@@ -160,9 +170,15 @@ class AtomNAS(BaseBackbone):
                  b.has_expand] for b in self.blocks()]
 
     def arch_dict(self):
-        """The current architecture as an ``arch`` dict (rows, stem, head)."""
+        """The current architecture as an ``arch`` dict.
+
+        Holds rows, stem and head widths, activation and SE ratio, so that
+        ``AtomNAS(arch=m.arch_dict())`` rebuilds the same network.
+        """
         return dict(rows=self.arch_rows(), stem_channels=self.stem_channels,
-                    last_channels=self.last_channels)
+                    last_channels=self.last_channels,
+                    act_cfg=copy.deepcopy(self.act_cfg),
+                    se_ratio=self.se_ratio)
 
     def forward(self, x):
         x = self.conv1(x)
@@ -174,6 +190,32 @@ class AtomNAS(BaseBackbone):
         if self.num_stages in self.out_indices:
             outs.append(self.conv2(x))
         return tuple(outs)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata,
+                              strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        """Refuse weights of another architecture instead of skipping them."""
+        ours = [k for k in state_dict if k.startswith(prefix)]
+        if ours:
+            own = {prefix + k: v.shape for k, v in self.state_dict().items()}
+            problems = [f'{k}: checkpoint {tuple(state_dict[k].shape)}, '
+                        f'model {tuple(own[k])}' for k in ours
+                        if k in own and state_dict[k].shape != own[k]]
+            problems += [f'{k}: not in the model' for k in ours
+                         if k not in own and k[len(prefix):].startswith('layer')]
+            problems += [f'{k}: not in the checkpoint' for k in own
+                         if k not in state_dict
+                         and k[len(prefix):].startswith('layer')]
+            if problems:
+                raise ValueError(
+                    'AtomNAS: the checkpoint holds another architecture than '
+                    f'the model ({len(problems)} mismatches, e.g. '
+                    f'{problems[:3]}). Build the backbone with the stored '
+                    "rows (checkpoint meta['atomnas_arch'], arch.json) or "
+                    'keep AtomShrinkHook in the config.')
+        super()._load_from_state_dict(state_dict, prefix, local_metadata,
+                                      strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def _freeze_stages(self):
         if self.frozen_stages >= 0:

@@ -1,0 +1,109 @@
+"""Loss terms of the AtomNAS search (ATOMNAS.md sections 4 and 6).
+
+Pure functions of a model; the hook that adds them to the loss lives in
+``atomnas_mm.engine.hooks.penalty_hook``.
+"""
+import torch
+import torch.nn as nn
+from mmengine.model import is_model_wrapper
+from torch.nn.modules.conv import _ConvNd
+
+from ..models.blocks import AtomicBlock
+
+
+def _unwrap(model):
+    return model.module if is_model_wrapper(model) else model
+
+
+def penalised_atoms(model):
+    """Gammas and cost weights of every penalised atom in ``model``.
+
+    Penalised are the depthwise BN gammas of every searchable block (those
+    with an expand conv) of every AtomNAS backbone in ``model``.
+
+    Args:
+        model (nn.Module): A model, possibly wrapped (DDP).
+
+    Returns:
+        tuple[list[Tensor], list[Tensor]]: Per block, the gammas concatenated
+        in hidden order and the matching ``atom_cost`` buffer.
+    """
+    gammas, costs = [], []
+    for m in _unwrap(model).modules():
+        if isinstance(m, AtomicBlock) and m.has_expand and len(m.dw):
+            ws = [branch.norm.weight for branch in m.dw.values()]
+            gammas.append(ws[0] if len(ws) == 1 else torch.cat(ws))
+            costs.append(m.atom_cost)
+    return gammas, costs
+
+
+def bn_l1_penalty(model):
+    """Resource-aware L1 penalty ``sum_atoms p * |gamma|``.
+
+    Args:
+        model (nn.Module): A model, possibly wrapped (DDP).
+
+    Returns:
+        Tensor: A differentiable scalar; 0 when there is no searchable block.
+    """
+    gammas, costs = penalised_atoms(model)
+    if not gammas:
+        return _zero(model)
+    gamma = torch.cat(gammas)
+    cost = torch.cat(costs).to(gamma.dtype)
+    return torch.dot(cost, gamma.abs())
+
+
+def decayed_params(model):
+    """Weights of conv and linear layers and biases of linear layers.
+
+    Frozen parameters (``requires_grad=False``) are left out.
+    """
+    params = []
+    for m in _unwrap(model).modules():
+        if isinstance(m, (_ConvNd, nn.Linear)):
+            params.append(m.weight)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                params.append(m.bias)
+    return [p for p in params if p is not None and p.requires_grad]
+
+
+def weight_decay_loss(model, weight_decay):
+    """Weight decay as a loss term: ``0.5 * wd * sum(w^2)``.
+
+    Over conv and FC weights and the FC biases; no BN, no conv biases.
+
+    Args:
+        model (nn.Module): A model, possibly wrapped (DDP).
+        weight_decay (float): The decay ``wd``.
+
+    Returns:
+        Tensor: A differentiable scalar.
+    """
+    params = decayed_params(model)
+    if not params:
+        return _zero(model)
+    flat = [p.reshape(-1) for p in params]
+    squares = torch.stack([torch.dot(v, v) for v in flat])
+    return 0.5 * weight_decay * squares.sum()
+
+
+def rho_at(iteration, rho, warmup_iters):
+    """Penalty strength at an iteration: linear ramp from 0 to ``rho``.
+
+    Args:
+        iteration (int): 0-based training iteration.
+        rho (float): Final strength.
+        warmup_iters (int): Length of the ramp; 0 means none.
+
+    Returns:
+        float: ``rho * min(1, iteration / warmup_iters)``.
+    """
+    if warmup_iters <= 0:
+        return float(rho)
+    return float(rho) * min(1.0, iteration / warmup_iters)
+
+
+def _zero(model):
+    param = next(_unwrap(model).parameters(), None)
+    return torch.zeros((), device=param.device if param is not None else None)
