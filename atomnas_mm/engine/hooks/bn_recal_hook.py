@@ -53,24 +53,24 @@ class BNRecalibrationHook(Hook):
 
     Args:
         num_batches (int): Training batches to use (per rank).
-        before_test (bool): Also recalibrate before the test loop (needs a
+        on_test (bool): Also recalibrate before the test loop (needs a
             ``train_dataloader`` in the config).
     """
 
     # After EMAHook (NORMAL) has swapped in the EMA weights.
     priority = 'BELOW_NORMAL'
 
-    def __init__(self, num_batches=50, before_test=False):
+    def __init__(self, num_batches=50, on_test=False):
         if num_batches < 1:
             raise ValueError(f'num_batches must be >= 1, got {num_batches}')
         self.num_batches = num_batches
-        self.before_test = before_test
+        self.on_test = on_test
 
     def before_val_epoch(self, runner):
         self._recalibrate(runner)
 
     def before_test_epoch(self, runner):
-        if self.before_test:
+        if self.on_test:
             self._recalibrate(runner)
 
     def _recalibrate(self, runner):
