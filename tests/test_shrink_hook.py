@@ -49,7 +49,9 @@ class KillAtomsHook(Hook):
 
     def after_train_epoch(self, runner):
         from mmengine.hooks import EMAHook
-        models = [runner.model]
+        from mmengine.model import is_model_wrapper
+        model = runner.model
+        models = [model.module if is_model_wrapper(model) else model]
         models += [h.ema_model.module for h in runner.hooks
                    if isinstance(h, EMAHook)]
         for model in models:

@@ -1,0 +1,3 @@
+from .tf_rmsprop import TFRMSprop
+
+__all__ = ['TFRMSprop']

@@ -1,0 +1,24 @@
+# model settings: AtomNAS-B (ReLU, 32-channel stem)
+# ``atomnas_mm.AtomNAS`` resolves from the mmpretrain scope through the
+# atomnas_mm registry (``locations``); ``custom_imports`` makes it explicit.
+custom_imports = dict(imports=['atomnas_mm'], allow_failed_imports=False)
+
+model = dict(
+    type='ImageClassifier',
+    backbone=dict(type='atomnas_mm.AtomNAS', arch='atomnas_b'),
+    neck=dict(type='GlobalAveragePooling'),
+    # ATOMNAS.md: dropout 0.2 before the FC layer. No mmpretrain 1.2.0
+    # head has a dropout before its last linear layer (StackedLinearClsHead
+    # only drops after hidden layers), so it is left out here until
+    # atomnas_mm provides such a head.
+    head=dict(
+        type='LinearClsHead',
+        num_classes=1000,
+        in_channels=1280,
+        loss=dict(
+            type='LabelSmoothLoss',
+            label_smooth_val=0.1,
+            mode='original',
+            loss_weight=1.0),
+        topk=(1, 5),
+    ))

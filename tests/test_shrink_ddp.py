@@ -1,0 +1,48 @@
+"""AtomShrinkHook under 2-process CPU DDP (gloo)."""
+import os
+import os.path as osp
+import socket
+
+import torch
+import torch.multiprocessing as mp
+
+from test_shrink_hook import SCHEDULE, KillAtomsHook, build, make_cfg
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world_size, port, work_dir):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world_size), MASTER_ADDR='127.0.0.1',
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from atomnas_mm.utils import cpu_ddp_workaround
+    cfg = make_cfg(work_dir, max_epochs=2, launcher='pytorch')
+    cpu_ddp_workaround(cfg)
+    runner = build(cfg, [KillAtomsHook(SCHEDULE)])
+    runner.train()
+    model = runner.model
+    assert type(model).__name__ == 'MMDistributedDataParallel'
+    params = {id(p) for p in model.module.parameters()}
+    assert {id(p) for p in model.parameters()} == params
+    torch.save(dict(rows=model.module.backbone.arch_rows(),
+                    state={k: p.detach() for k, p in
+                           model.module.named_parameters()}),
+               osp.join(work_dir, f'rank{rank}.pth'))
+
+
+def test_ddp_ranks_shrink_identically(tmp_path):
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2)
+    r0 = torch.load(tmp_path / 'rank0.pth', weights_only=True)
+    r1 = torch.load(tmp_path / 'rank1.pth', weights_only=True)
+    assert r0['rows'] == r1['rows']
+    assert r0['rows'][1][3] == [3, 7] and r0['rows'][2][3] == []
+    # Parameters stay bit-identical (BN buffers are per rank:
+    # broadcast_buffers=False).
+    assert r0['state'].keys() == r1['state'].keys()
+    for k, v in r0['state'].items():
+        assert torch.equal(v, r1['state'][k]), k

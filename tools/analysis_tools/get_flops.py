@@ -1,0 +1,105 @@
+"""Print a model's FLOPs and params in two conventions, side by side.
+
+* AtomNAS: multiply-adds of Conv2d and Linear plus global pooling, params
+  of Conv2d and Linear only (BN excluded), batch 1; the convention of the
+  AtomNAS paper (``atomnas_mm.models.count_flops_params``).
+* mmengine: ``mmengine.analysis.get_model_complexity_info`` (fvcore-style
+  FLOPs, where one multiply-add is one FLOP, plus one op per element for
+  BatchNorm; all parameters, BN included).
+
+Both count the whole classifier (backbone, neck and head), unlike
+mmpretrain's get_flops.py, which counts ``extract_feat`` only.
+
+Example::
+
+    python tools/analysis_tools/get_flops.py \
+        configs/_base_/models/atomnas-a.py --shape 224
+"""
+import argparse
+import os.path as osp
+import sys
+
+
+def _import_atomnas_mm():
+    """Import atomnas_mm, adding the repository root to sys.path if needed."""
+    try:
+        import atomnas_mm  # noqa: F401
+    except ImportError:
+        root = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+        sys.path.insert(0, root)
+        import atomnas_mm  # noqa: F401
+
+
+def parse_args(argv=None):
+    from mmengine.config import DictAction
+    parser = argparse.ArgumentParser(
+        description='Get model FLOPs and params (AtomNAS and mmengine '
+        'conventions)')
+    parser.add_argument('config', help='config file path')
+    parser.add_argument(
+        '--shape',
+        type=int,
+        nargs='+',
+        default=[224, 224],
+        help='input image size')
+    parser.add_argument(
+        '--cfg-options',
+        nargs='+',
+        action=DictAction,
+        help='override some settings in the used config, the key-value pair '
+        'in xxx=yyy format will be merged into config file.')
+    return parser.parse_args(argv)
+
+
+def _fmt(value, unit):
+    return f'{value / unit:.2f}'
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    _import_atomnas_mm()
+    import torch
+    from mmengine.analysis import get_model_complexity_info
+    from mmengine.config import Config
+    from mmpretrain import get_model
+
+    from atomnas_mm.models import count_flops_params
+
+    if len(args.shape) == 1:
+        input_shape = (3, args.shape[0], args.shape[0])
+    elif len(args.shape) == 2:
+        input_shape = (3, ) + tuple(args.shape)
+    else:
+        raise ValueError(f'--shape: expected 1 or 2 ints, got {args.shape}')
+
+    cfg = Config.fromfile(args.config)
+    if args.cfg_options is not None:
+        cfg.merge_from_dict(args.cfg_options)
+    model = get_model(cfg)
+    model.eval()
+
+    ours_flops, ours_params = count_flops_params(model, (1, ) + input_shape)
+    # ImageClassifier.forward defaults to mode='tensor' (logits).
+    with torch.no_grad():
+        info = get_model_complexity_info(
+            model, input_shape, show_table=False, show_arch=False)
+    mm_flops, mm_params = info['flops'], info['params']
+
+    rows = [('AtomNAS (MAdds, conv+FC params)', ours_flops, ours_params),
+            ('mmengine get_model_complexity_info', mm_flops, mm_params)]
+    width = max(len(r[0]) for r in rows)
+    line = '=' * (width + 26)
+    print(line)
+    print(f'Config: {args.config}')
+    print(f'Input shape: {(1, ) + input_shape}')
+    print(f'{"convention":<{width}}  {"FLOPs (M)":>10}  {"Params (M)":>10}')
+    for name, flops, params in rows:
+        print(f'{name:<{width}}  {_fmt(flops, 1e6):>10}  '
+              f'{_fmt(params, 1e6):>10}')
+    print(line)
+    return dict(atomnas=(ours_flops, ours_params), mmengine=(mm_flops,
+                                                             mm_params))
+
+
+if __name__ == '__main__':
+    main()

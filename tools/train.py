@@ -1,0 +1,207 @@
+"""Train a model with mmengine's Runner; atomnas_mm's modules registered.
+
+The interface is mmpretrain 1.2.0's ``tools/train.py``. It runs from any
+directory: the repository root is put on ``sys.path`` only when atomnas_mm
+is not importable. With a distributed launcher on a machine without CUDA it
+applies the CPU DDP workaround (see ``apply_cpu_ddp_workaround``).
+"""
+import argparse
+import os
+import os.path as osp
+import sys
+from copy import deepcopy
+
+REPO_ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+
+
+def import_atomnas_mm():
+    """Import atomnas_mm (registries, checkpoint allowlist).
+
+    The repository root is inserted into ``sys.path`` only if the package is
+    not installed, so an installed atomnas_mm takes precedence.
+    """
+    try:
+        import atomnas_mm  # noqa: F401
+    except ImportError:
+        sys.path.insert(0, REPO_ROOT)
+        import atomnas_mm  # noqa: F401
+
+
+def apply_cpu_ddp_workaround(cfg, launcher):
+    """Make distributed training work on CPU-only machines (gloo).
+
+    mmengine 0.10.7 calls ``torch.cuda.set_device(local_rank)`` when it
+    initialises the process group and wraps the model with
+    ``device_ids=[local_rank]``; both fail without CUDA. When CUDA is
+    unavailable and ``launcher`` is not ``'none'``, this makes
+    ``torch.cuda.set_device`` a no-op, switches the ``nccl`` backend to
+    ``gloo`` and sets ``model_wrapper_cfg`` to a CPU DDP wrapper unless the
+    config has one. Nothing changes on a machine with CUDA.
+
+    Args:
+        cfg (mmengine.Config): The config, modified in place.
+        launcher (str): The job launcher.
+
+    Returns:
+        bool: Whether the workaround was applied.
+    """
+    import torch
+    if launcher == 'none' or torch.cuda.is_available():
+        return False
+    torch.cuda.set_device = lambda *args, **kwargs: None
+    env_cfg = cfg.setdefault('env_cfg', {})
+    dist_cfg = env_cfg.setdefault('dist_cfg', {})
+    if dist_cfg.get('backend', 'nccl') == 'nccl':
+        dist_cfg['backend'] = 'gloo'
+    if cfg.get('model_wrapper_cfg') is None:
+        cfg.model_wrapper_cfg = dict(
+            type='MMDistributedDataParallel',
+            device_ids=None,
+            broadcast_buffers=False)
+    return True
+
+
+def parse_args(argv=None):
+    from mmengine.config import DictAction
+    parser = argparse.ArgumentParser(description='Train a model')
+    parser.add_argument('config', help='train config file path')
+    parser.add_argument('--work-dir', help='the dir to save logs and models')
+    parser.add_argument(
+        '--resume',
+        nargs='?',
+        type=str,
+        const='auto',
+        help='If specify checkpoint path, resume from it, while if not '
+        'specify, try to auto resume from the latest checkpoint '
+        'in the work directory.')
+    parser.add_argument(
+        '--amp',
+        action='store_true',
+        help='enable automatic-mixed-precision training')
+    parser.add_argument(
+        '--no-validate',
+        action='store_true',
+        help='whether not to evaluate the checkpoint during training')
+    parser.add_argument(
+        '--auto-scale-lr',
+        action='store_true',
+        help='whether to auto scale the learning rate according to the '
+        'actual batch size and the original batch size.')
+    parser.add_argument(
+        '--no-pin-memory',
+        action='store_true',
+        help='whether to disable the pin_memory option in dataloaders.')
+    parser.add_argument(
+        '--no-persistent-workers',
+        action='store_true',
+        help='whether to disable the persistent_workers option in dataloaders.'
+    )
+    parser.add_argument(
+        '--cfg-options',
+        nargs='+',
+        action=DictAction,
+        help='override some settings in the used config, the key-value pair '
+        'in xxx=yyy format will be merged into config file. If the value to '
+        'be overwritten is a list, it should be like key="[a,b]" or key=a,b '
+        'It also allows nested list/tuple values, e.g. key="[(a,b),(c,d)]" '
+        'Note that the quotation marks are necessary and that no white space '
+        'is allowed.')
+    parser.add_argument(
+        '--launcher',
+        choices=['none', 'pytorch', 'slurm', 'mpi'],
+        default='none',
+        help='job launcher')
+    # torch.distributed.launch passes `--local-rank` (torch >= 2.0),
+    # torchrun sets the LOCAL_RANK environment variable instead.
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+    args = parser.parse_args(argv)
+    if 'LOCAL_RANK' not in os.environ:
+        os.environ['LOCAL_RANK'] = str(args.local_rank)
+    return args
+
+
+def merge_args(cfg, args):
+    """Merge CLI arguments to config."""
+    from mmengine.config import ConfigDict
+
+    if args.no_validate:
+        cfg.val_cfg = None
+        cfg.val_dataloader = None
+        cfg.val_evaluator = None
+
+    cfg.launcher = args.launcher
+
+    # work_dir is determined in this priority: CLI > segment in file > filename
+    if args.work_dir is not None:
+        cfg.work_dir = args.work_dir
+    elif cfg.get('work_dir', None) is None:
+        cfg.work_dir = osp.join('./work_dirs',
+                                osp.splitext(osp.basename(args.config))[0])
+
+    # enable automatic-mixed-precision training
+    if args.amp is True:
+        cfg.optim_wrapper.type = 'AmpOptimWrapper'
+        cfg.optim_wrapper.setdefault('loss_scale', 'dynamic')
+
+    # resume training
+    if args.resume == 'auto':
+        cfg.resume = True
+        cfg.load_from = None
+    elif args.resume is not None:
+        cfg.resume = True
+        cfg.load_from = args.resume
+
+    # enable auto scale learning rate
+    if args.auto_scale_lr:
+        cfg.auto_scale_lr.enable = True
+
+    # set dataloader args
+    default_dataloader_cfg = ConfigDict(
+        pin_memory=True,
+        persistent_workers=True,
+        collate_fn=dict(type='default_collate'),
+    )
+
+    def set_default_dataloader_cfg(cfg, field):
+        if cfg.get(field, None) is None:
+            return
+        dataloader_cfg = deepcopy(default_dataloader_cfg)
+        dataloader_cfg.update(cfg[field])
+        cfg[field] = dataloader_cfg
+        if args.no_pin_memory:
+            cfg[field]['pin_memory'] = False
+        if args.no_persistent_workers or cfg[field].get('num_workers') == 0:
+            # DataLoader rejects persistent workers without workers.
+            cfg[field]['persistent_workers'] = False
+
+    set_default_dataloader_cfg(cfg, 'train_dataloader')
+    set_default_dataloader_cfg(cfg, 'val_dataloader')
+    set_default_dataloader_cfg(cfg, 'test_dataloader')
+
+    if args.cfg_options is not None:
+        cfg.merge_from_dict(args.cfg_options)
+
+    return cfg
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import_atomnas_mm()
+    from mmengine.config import Config
+    from mmengine.registry import RUNNERS
+    from mmengine.runner import Runner
+
+    cfg = Config.fromfile(args.config)
+    cfg = merge_args(cfg, args)
+    apply_cpu_ddp_workaround(cfg, args.launcher)
+
+    if 'runner_type' not in cfg:
+        runner = Runner.from_cfg(cfg)
+    else:
+        runner = RUNNERS.build(cfg)
+
+    runner.train()
+
+
+if __name__ == '__main__':
+    main()
