@@ -1,7 +1,8 @@
 from .archs import ARCHS, PUBLISHED, get_arch, supernet_rows
 from .backbones import AtomNAS
 from .blocks import AtomicBlock
+from .heads import DropoutLinearClsHead
 from .cost import atom_costs, atom_weights, count_flops_params
 
 __all__ = ['ARCHS', 'PUBLISHED', 'get_arch', 'supernet_rows', 'AtomNAS',
-           'AtomicBlock', 'atom_costs', 'atom_weights', 'count_flops_params']
+           'AtomicBlock', 'DropoutLinearClsHead', 'atom_costs', 'atom_weights', 'count_flops_params']
