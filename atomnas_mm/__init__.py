@@ -29,6 +29,7 @@ def _check_versions():
 _check_versions()
 
 from . import checkpoint  # noqa: E402,F401  (weights_only allowlist)
+from . import datasets  # noqa: E402,F401
 from .engine import *  # noqa: E402,F401,F403
 from .models import AtomNAS  # noqa: E402
 

@@ -3,6 +3,7 @@
 With ``locations`` set, ``type='atomnas_mm.AtomNAS'`` resolves from any scope
 (mmpretrain, mmdet) without ``custom_imports``.
 """
+from mmengine.registry import DATASETS as MMENGINE_DATASETS
 from mmengine.registry import HOOKS as MMENGINE_HOOKS
 from mmengine.registry import MODELS as MMENGINE_MODELS
 from mmengine.registry import OPTIMIZERS as MMENGINE_OPTIMIZERS
@@ -20,3 +21,5 @@ PARAM_SCHEDULERS = Registry('parameter scheduler',
                             parent=MMENGINE_PARAM_SCHEDULERS,
                             scope='atomnas_mm',
                             locations=['atomnas_mm.engine.schedulers'])
+DATASETS = Registry('dataset', parent=MMENGINE_DATASETS, scope='atomnas_mm',
+                    locations=['atomnas_mm.datasets'])

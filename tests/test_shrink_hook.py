@@ -42,7 +42,7 @@ class ToyData(Dataset):
 class KillAtomsHook(Hook):
     """Stands in for the L1 penalty: zeroes chosen gammas (live and EMA)
     at the end of given epochs, before AtomShrinkHook looks."""
-    priority = 'HIGH'
+    priority = 'VERY_HIGH'
 
     def __init__(self, schedule):
         self.schedule = schedule  # {epoch: {block name: [kernel keys]}}

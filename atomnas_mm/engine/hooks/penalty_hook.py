@@ -86,13 +86,16 @@ class BNL1PenaltyHook(Hook):
             runner (Runner): The runner.
 
         Returns:
-            Tensor: A differentiable scalar.
+            Tensor | float: A differentiable scalar (0.0 when both terms
+            are off).
         """
         rho = rho_at(runner.iter, self.rho, self.ramp_iters(runner))
-        penalty = bn_l1_penalty(runner.model)
-        loss = rho * penalty
-        scalars = dict(rho=rho, bn_l1=penalty.detach(),
-                       loss_bn_l1=loss.detach())
+        scalars = dict(rho=rho)
+        loss = 0.0
+        if self.rho > 0:  # rho=0: weight decay only (retraining)
+            penalty = bn_l1_penalty(runner.model)
+            loss = rho * penalty
+            scalars.update(bn_l1=penalty.detach(), loss_bn_l1=loss.detach())
         if self.weight_decay > 0:
             wd = weight_decay_loss(runner.model, self.weight_decay)
             loss = loss + wd

@@ -10,6 +10,7 @@ from mmengine.model import is_model_wrapper
 
 from ...models.cost import count_flops_params
 from ...registry import HOOKS
+from ...visualization import draw_arch, draw_flops_curve, save_image
 from ...search.shrink import (apply_plan, find_backbones, plan_shrink,
                               removed_flops, reshape_to_arch, shrink_optimizer)
 
@@ -43,9 +44,10 @@ class AtomShrinkHook(Hook):
             epoch/iteration.
     """
 
-    # Before EMAHook, so that after_load_checkpoint reshapes the EMA copy
+    # Before EMAHook (ABOVE_NORMAL in mmpretrain configs), so that
+    # after_load_checkpoint reshapes the EMA copy
     # before EMAHook loads into it.
-    priority = 'ABOVE_NORMAL'
+    priority = 'HIGH'
 
     def __init__(self, threshold=1e-3, min_removed_flops=1e6, interval=1,
                  by_epoch=True, input_size=224, final_shrink=True):
@@ -146,8 +148,9 @@ class AtomShrinkHook(Hook):
     # -- bookkeeping ----------------------------------------------------------
     def _record(self, runner, removed, removed_flops=0.0):
         model = self._model(runner)
+        channels = next(iter(find_backbones(model).values())).in_channels
         flops, params = count_flops_params(
-            model, (1, 3, self.input_size, self.input_size))
+            model, (1, channels, self.input_size, self.input_size))
         archs = current_archs(model)
         entry = dict(epoch=runner.epoch, iter=runner.iter, flops=flops,
                      params=params, removed_atoms=removed,
@@ -165,6 +168,18 @@ class AtomShrinkHook(Hook):
         if is_main_process():
             with open(osp.join(runner.work_dir, 'searched_arch.json'), 'w') as f:
                 json.dump(archs, f)
+            self._draw(runner, archs, flops)
+
+    def _draw(self, runner, archs, flops):
+        """Architecture and FLOPs-curve PNGs to work_dir and vis backends."""
+        images = {('arch' if len(archs) == 1 else f'arch_{path}'): draw_arch(
+            arch, flops=flops,
+            title=f'{path} epoch {runner.epoch} iter {runner.iter}')
+            for path, arch in archs.items()}
+        images['flops'] = draw_flops_curve(self.history, x='iter')
+        for name, img in images.items():
+            save_image(img, osp.join(runner.work_dir, f'{name}.png'))
+            runner.visualizer.add_image(name, img, step=runner.iter)
 
     @staticmethod
     def _model(runner):

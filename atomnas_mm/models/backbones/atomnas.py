@@ -62,6 +62,7 @@ class AtomNAS(BaseBackbone):
         stem_channels (int, optional): Stem width; defaults to the arch's.
         last_channels (int, optional): Head 1x1 conv width; defaults to the
             arch's or 1280.
+        in_channels (int): Input image channels (1 for grey images).
         out_indices (Sequence[int], optional): Outputs: 0..6 (generally
             ``0..num_stages - 1``) are the stages, ``num_stages`` is the head
             conv. Defaults to the head conv, i.e. (7,) for the zoo archs.
@@ -78,7 +79,7 @@ class AtomNAS(BaseBackbone):
     """
 
     def __init__(self, arch='supernet', stem_channels=None, last_channels=None,
-                 out_indices=None, frozen_stages=-1, conv_cfg=None,
+                 in_channels=3, out_indices=None, frozen_stages=-1, conv_cfg=None,
                  norm_cfg=dict(type='BN', momentum=0.01, eps=1e-3),
                  act_cfg=None, se_ratio=None, norm_eval=False, with_cp=False,
                  init_cfg=[dict(type='Kaiming', layer=['Conv2d']),
@@ -132,7 +133,8 @@ class AtomNAS(BaseBackbone):
         self.norm_eval = norm_eval
 
         cfg = dict(conv_cfg=conv_cfg, norm_cfg=norm_cfg, act_cfg=act_cfg)
-        self.conv1 = ConvModule(3, self.stem_channels, 3, 2, 1, **cfg)
+        self.in_channels = in_channels
+        self.conv1 = ConvModule(in_channels, self.stem_channels, 3, 2, 1, **cfg)
         weights, _ = atom_weights(rows, self.stem_channels)
         stages = [[] for _ in range(self.num_stages)]
         in_ch = self.stem_channels

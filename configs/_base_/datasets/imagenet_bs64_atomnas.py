@@ -7,6 +7,12 @@ dataset_type = 'ImageNet'
 # the command line, override ``train_dataloader.dataset.data_root`` and
 # ``val_dataloader.dataset.data_root`` (test_dataloader is val_dataloader).
 data_root = 'data/imagenet'
+# How LoadImageFromFile reads images (both pipelines): None reads the files
+# under data_root. To read an LMDB packed by
+# ``tools/dataset_converters/imagenet_to_lmdb.py data/imagenet
+# data/imagenet.lmdb`` (lists still read from data_root/meta), set
+# backend_args = dict(backend='lmdb', db_path=data_root + '.lmdb')
+backend_args = None
 
 data_preprocessor = dict(
     num_classes=1000,
@@ -18,7 +24,7 @@ data_preprocessor = dict(
 )
 
 train_pipeline = [
-    dict(type='LoadImageFromFile'),
+    dict(type='LoadImageFromFile', backend_args=backend_args),
     dict(
         type='EfficientNetRandomCrop',
         scale=224,
@@ -31,7 +37,7 @@ train_pipeline = [
 ]
 
 test_pipeline = [
-    dict(type='LoadImageFromFile'),
+    dict(type='LoadImageFromFile', backend_args=backend_args),
     dict(
         type='EfficientNetCenterCrop',
         crop_size=224,

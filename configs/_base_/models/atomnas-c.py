@@ -7,12 +7,11 @@ model = dict(
     type='ImageClassifier',
     backbone=dict(type='atomnas_mm.AtomNAS', arch='atomnas_c'),
     neck=dict(type='GlobalAveragePooling'),
-    # ATOMNAS.md: dropout 0.2 before the FC layer. No mmpretrain 1.2.0
-    # head has a dropout before its last linear layer (StackedLinearClsHead
-    # only drops after hidden layers), so it is left out here until
-    # atomnas_mm provides such a head.
+    # Dropout 0.2 before the FC (ATOMNAS.md): mmpretrain's LinearClsHead
+    # has none, atomnas_mm's DropoutLinearClsHead adds it.
     head=dict(
-        type='LinearClsHead',
+        type='atomnas_mm.DropoutLinearClsHead',
+        dropout_rate=0.2,
         num_classes=1000,
         in_channels=1280,
         loss=dict(
