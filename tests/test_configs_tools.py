@@ -1,7 +1,9 @@
-"""Shipped configs and command-line tools (train, test, get_flops, dist)."""
+"""Shipped configs, the AtomNAS recipe at 8 and 32 GPUs, command-line tools."""
+import copy
 import glob
 import importlib.util
 import json
+import math
 import os
 import os.path as osp
 import pickle
@@ -9,32 +11,49 @@ import re
 import socket
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from mmengine.config import Config
+from mmengine.dataset import DefaultSampler
+from mmengine.logging import MMLogger
 from mmengine.optim import build_optim_wrapper
-from mmengine.registry import (HOOKS, MODELS, PARAM_SCHEDULERS, VISUALIZERS,
+from mmengine.registry import (HOOKS, MODELS, VISUALIZERS,
                                init_default_scope)
+from mmengine.runner import Runner
 
 import atomnas_mm  # noqa: F401
+import atomnas_mm.engine.ema as ema_module
+from atomnas_mm.models import supernet_rows
+from atomnas_mm.utils import cpu_ddp_workaround
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 MODEL_CONFIGS = sorted(glob.glob(osp.join(ROOT, 'configs/_base_/models/*.py')))
 RETRAIN_CONFIGS = sorted(glob.glob(osp.join(ROOT, 'configs/retrain/*.py')))
+SEARCH_CONFIGS = sorted(glob.glob(osp.join(ROOT, 'configs/*.py')))
+ALL_CONFIGS = sorted(
+    set(glob.glob(osp.join(ROOT, 'configs/**/*.py'), recursive=True)))
 PYTHON = sys.executable
 ENV = dict(os.environ, PYTHONWARNINGS='ignore', OMP_NUM_THREADS='1')
 ENV.pop('LOCAL_RANK', None)
+IMAGENET_TRAIN = 1281167
 
-# config: (arch, total batch on 32 GPUs)
+# config: (arch, images per GPU)
 RETRAIN = {
-    'atomnas-a_in1k.py': ('atomnas_a', 2048),
-    'atomnas-b_in1k.py': ('atomnas_b', 2048),
-    'atomnas-c_in1k.py': ('atomnas_c', 2048),
-    'atomnas-a_plus_in1k.py': ('atomnas_a_plus', 4096),
-    'atomnas-b_plus_in1k.py': ('atomnas_b_plus', 4096),
-    'atomnas-c_plus_in1k.py': ('atomnas_c_plus', 4096),
+    'atomnas-a_in1k.py': ('atomnas_a', 64),
+    'atomnas-b_in1k.py': ('atomnas_b', 64),
+    'atomnas-c_in1k.py': ('atomnas_c', 64),
+    'atomnas-a_plus_in1k.py': ('atomnas_a_plus', 128),
+    'atomnas-b_plus_in1k.py': ('atomnas_b_plus', 128),
+    'atomnas-c_plus_in1k.py': ('atomnas_c_plus', 128),
+}
+# search config: (stem channels, rho) -- ATOMNAS.md Table 1
+SEARCH = {
+    'atomnas_a.py': (16, 1.8e-4),
+    'atomnas_b.py': (32, 1.2e-4),
+    'atomnas_c.py': (32, 1.0e-4),
 }
 
 
@@ -51,11 +70,46 @@ def _build_model(cfg):
     return MODELS.build(cfg.model)
 
 
+def _config(rel):
+    return Config.fromfile(osp.join(ROOT, 'configs', rel))
+
+
+def _build_hook(hook_cfg):
+    """Build a hook as Runner.register_hook does (it pops ``priority``)."""
+    runner = SimpleNamespace(_hooks=[])
+    Runner.register_hook(runner, copy.deepcopy(hook_cfg))
+    return runner._hooks[0]
+
+
 def test_all_configs_present():
     names = {osp.basename(p) for p in MODEL_CONFIGS}
     for arch in ['supernet', 'a', 'b', 'c', 'a_plus', 'b_plus', 'c_plus']:
         assert f'atomnas-{arch}.py' in names
     assert {osp.basename(p) for p in RETRAIN_CONFIGS} == set(RETRAIN)
+    assert {osp.basename(p) for p in SEARCH_CONFIGS} == set(SEARCH)
+
+
+@pytest.mark.parametrize('path', ALL_CONFIGS,
+                         ids=lambda p: osp.relpath(p, ROOT))
+def test_every_config_builds(path):
+    """Every config loads; model, optim wrapper and custom hooks build."""
+    cfg = Config.fromfile(path)
+    if 'model' not in cfg:  # the dataset / schedule / runtime bases
+        return
+    assert cfg.custom_imports.imports == ['atomnas_mm']
+    init_default_scope(cfg.get('default_scope', 'mmpretrain'))
+    try:
+        model = MODELS.build(cfg.model)
+    finally:
+        init_default_scope('mmpretrain')
+    assert type(model.backbone).__name__ == 'AtomNAS'
+    if cfg.model.type == 'ImageClassifier':
+        assert type(model.head).__name__ == 'DropoutLinearClsHead'
+    if 'optim_wrapper' in cfg:
+        optim_wrapper = build_optim_wrapper(model, cfg.optim_wrapper)
+        assert optim_wrapper.optimizer.param_groups
+    hooks = [_build_hook(h) for h in cfg.get('custom_hooks', [])]
+    assert len(hooks) == len(cfg.get('custom_hooks', []))
 
 
 @pytest.mark.parametrize('path', MODEL_CONFIGS, ids=osp.basename)
@@ -65,6 +119,9 @@ def test_model_config_builds(path):
     model = _build_model(cfg)
     assert type(model).__name__ == 'ImageClassifier'
     assert type(model.backbone).__name__ == 'AtomNAS'
+    assert type(model.head).__name__ == 'DropoutLinearClsHead'
+    plus = osp.basename(path).endswith('_plus.py')
+    assert model.head.dropout.p == (0.28 if plus else 0.2)
     assert model.head.fc.in_features == 1280
     assert model.head.fc.out_features == 1000
     assert cfg.model.head.loss.label_smooth_val == 0.1
@@ -73,16 +130,16 @@ def test_model_config_builds(path):
     assert out.shape == (1, 1000)
 
 
-@pytest.mark.parametrize('path', RETRAIN_CONFIGS, ids=osp.basename)
-def test_retrain_config_builds(path):
-    arch, total_batch = RETRAIN[osp.basename(path)]
-    cfg = Config.fromfile(path)
+def _check_recipe(cfg, batch_per_gpu):
+    """What the retraining and the search configs share (section 6)."""
     assert cfg.default_scope == 'mmpretrain'
     assert cfg.custom_imports.imports == ['atomnas_mm']
-    assert cfg.model.backbone.arch == arch
-    assert cfg.train_dataloader.batch_size * 32 == total_batch
+    assert cfg.train_dataloader.batch_size == batch_per_gpu
+    assert cfg.val_dataloader.batch_size == batch_per_gpu
     assert cfg.train_cfg.max_epochs == 350
     assert cfg.randomness.seed == 1995
+    assert cfg.default_hooks.logger.interval == 100
+    assert cfg.default_hooks.checkpoint.interval == 1
     for loader in ('train_dataloader', 'val_dataloader', 'test_dataloader'):
         assert cfg[loader].dataset.data_root == 'data/imagenet'
     crop = cfg.train_dataloader.dataset.pipeline[1]
@@ -91,93 +148,181 @@ def test_retrain_config_builds(path):
     center = cfg.val_dataloader.dataset.pipeline[1]
     assert center.type == 'EfficientNetCenterCrop'
     assert center.interpolation == 'bicubic' and center.crop_padding == 32
-    assert cfg.auto_scale_lr.base_batch_size == total_batch
+    # lr 0.016 per 256 images, scaled to the real batch at Runner start
+    assert cfg.auto_scale_lr == dict(base_batch_size=256, enable=True)
+    optimizer = cfg.optim_wrapper.optimizer
+    assert optimizer.type == 'atomnas_mm.TFRMSprop'
+    assert optimizer.lr == 0.016 and optimizer.weight_decay == 0
+    assert 'paramwise_cfg' not in cfg.optim_wrapper
+    assert [s.type for s in cfg.param_scheduler] == [
+        'LinearLR', 'atomnas_mm.FractionalStepLR']
 
     model = _build_model(cfg)
-    assert model.backbone.arch_rows()  # the backbone of the named arch
     optim_wrapper = build_optim_wrapper(model, cfg.optim_wrapper)
-    group = optim_wrapper.optimizer.param_groups[0]
-    assert len(optim_wrapper.optimizer.param_groups) == 1
-    assert group['lr'] == pytest.approx(0.016 * total_batch / 256)
-    assert group['weight_decay'] == 1e-5
+    optimizer = optim_wrapper.optimizer
+    assert type(optimizer).__name__ == 'TFRMSprop'
+    assert len(optimizer.param_groups) == 1  # the shrink hook needs one
+    group = optimizer.param_groups[0]
+    assert group['lr'] == 0.016 and group['weight_decay'] == 0
+    assert len(group['params']) == len(list(model.parameters()))
 
-    hooks = [HOOKS.build(h) for h in cfg.custom_hooks]
+    hooks = [_build_hook(h) for h in cfg.custom_hooks]
+    ema_cfg = cfg.custom_hooks[0]
     assert type(hooks[0]).__name__ == 'EMAHook'
-    hook = cfg.custom_hooks[0]
-    assert hook.update_buffers  # EMA of the BN statistics too
-    ema = MODELS.build(dict(type=hook.ema_type, model=model,
-                            momentum=hook.momentum, gamma=hook.gamma,
-                            update_buffers=True))
-    # mmengine momentum = 1 - decay, decay = 0.9999 ** (total_batch / 4096)
-    assert ema.momentum == pytest.approx(1 - 0.9999**(total_batch / 4096))
-    assert 1 - ema.momentum == pytest.approx(0.9999**(total_batch / 4096))
+    assert hooks[0].priority == 'ABOVE_NORMAL'
+    assert ema_cfg.ema_type == 'atomnas_mm.BatchScaledEMA'
+    # the EMA decay per image follows the batch the config really uses
+    assert ema_cfg.batch_size == batch_per_gpu
+    assert ema_cfg.decay == 0.9999 and ema_cfg.images_per_decay == 4096
+    assert ema_cfg.update_buffers  # EMA of the BN statistics too
+    assert type(hooks[1]).__name__ == 'BNL1PenaltyHook'
+    assert hooks[1].weight_decay == 1e-5  # weight decay as a loss term
+    assert type(hooks[-1]).__name__ == 'BNRecalibrationHook'
     # the default hooks build (VisualizationHook needs a visualizer first)
-    VISUALIZERS.build(dict(cfg.visualizer, name=f'test_{arch}'))
+    VISUALIZERS.build(dict(cfg.visualizer,
+                           name=f'test_{id(cfg)}_{batch_per_gpu}'))
     for hook in cfg.default_hooks.values():
         HOOKS.build(hook)
+    return model, hooks
 
 
-def _lr_curve(cfg, num_iters, epoch_length):
-    param = torch.nn.Parameter(torch.zeros(1))
-    optim_wrapper = build_optim_wrapper(
-        torch.nn.Linear(1, 1), cfg.optim_wrapper)
-    optimizer = optim_wrapper.optimizer
-    optimizer.param_groups[0]['params'] = [param]
-    schedulers = []
-    for s in cfg.param_scheduler:
-        s = s.copy()
-        if s.pop('convert_to_iter_based', False):
-            s['epoch_length'] = epoch_length
-            scheduler_cls = PARAM_SCHEDULERS.get(s.pop('type'))
-            schedulers.append(scheduler_cls.build_iter_from_epoch(
-                optimizer=optim_wrapper, **s))
-        else:
-            schedulers.append(PARAM_SCHEDULERS.build(
-                s, default_args=dict(optimizer=optim_wrapper)))
+@pytest.mark.parametrize('path', RETRAIN_CONFIGS, ids=osp.basename)
+def test_retrain_config_builds(path):
+    arch, batch = RETRAIN[osp.basename(path)]
+    cfg = Config.fromfile(path)
+    assert cfg.model.backbone.arch == arch
+    model, hooks = _check_recipe(cfg, batch)
+    assert model.backbone.arch_rows()  # the backbone of the named arch
+    assert model.head.dropout.p == (0.28 if 'plus' in arch else 0.2)
+    assert [type(h).__name__ for h in hooks] == [
+        'EMAHook', 'BNL1PenaltyHook', 'BNRecalibrationHook']
+    assert hooks[1].rho == 0  # no search when retraining
+
+
+@pytest.mark.parametrize('name', sorted(SEARCH))
+def test_search_config_builds(name):
+    stem, rho = SEARCH[name]
+    cfg = _config(name)
+    assert cfg.model.backbone.arch == 'supernet'
+    model, hooks = _check_recipe(cfg, 64)
+    assert model.backbone.stem_channels == stem
+    assert model.backbone.arch_rows() == supernet_rows(stem)
+    assert model.head.dropout.p == 0.2
+    assert [type(h).__name__ for h in hooks] == [
+        'EMAHook', 'BNL1PenaltyHook', 'AtomShrinkHook',
+        'BNRecalibrationHook']
+    penalty, shrink = hooks[1], hooks[2]
+    assert penalty.rho == pytest.approx(rho)
+    assert penalty.warmup_epochs == 25 and penalty.warmup_iters is None
+    assert shrink.threshold == 1e-3
+    assert shrink.min_removed_flops == 1e6
+    assert shrink.interval == 1 and shrink.by_epoch
+
+
+def _fake_runner(cfg, world_size, epoch_length=None):
+    """The attributes Runner.scale_lr / _build_param_scheduler read."""
+    return SimpleNamespace(
+        world_size=world_size,
+        _train_dataloader=cfg.train_dataloader,
+        train_dataloader=range(epoch_length or 0),
+        param_schedulers=cfg.param_scheduler,
+        _train_loop=None,
+        logger=MMLogger.get_instance('test_recipe_lr'))
+
+
+def _epoch_length(batch_per_gpu, world_size, monkeypatch):
+    """Iterations per epoch of rank 0 with mmengine's DefaultSampler."""
+    import mmengine.dataset.sampler as sampler_module
+    monkeypatch.setattr(sampler_module, 'get_dist_info',
+                        lambda: (0, world_size))
+    sampler = DefaultSampler(range(IMAGENET_TRAIN), shuffle=False)
+    loader = torch.utils.data.DataLoader(
+        range(IMAGENET_TRAIN), batch_size=batch_per_gpu, sampler=sampler)
+    return len(loader)
+
+
+# (config, GPUs): (iterations per epoch)
+LR_CASES = {
+    ('retrain/atomnas-a_in1k.py', 8): 2503,
+    ('retrain/atomnas-a_in1k.py', 32): 626,
+    ('atomnas_a.py', 8): 2503,
+    ('atomnas_c.py', 32): 626,
+    ('retrain/atomnas-a_plus_in1k.py', 32): 313,
+}
+
+
+@pytest.mark.parametrize('rel,gpus', sorted(LR_CASES),
+                         ids=lambda x: str(x))
+def test_lr_curve(rel, gpus, monkeypatch):
+    cfg = _config(rel)
+    batch = cfg.train_dataloader.batch_size
+    total = gpus * batch
+    # ceil(ceil(1281167 / gpus) / batch), as mmengine's sampler splits it
+    epoch = _epoch_length(batch, gpus, monkeypatch)
+    assert epoch == LR_CASES[(rel, gpus)]
+    assert epoch == math.ceil(math.ceil(IMAGENET_TRAIN / gpus) / batch)
+
+    # what the Runner does: build the optimizer, scale_lr, the schedulers
+    model = torch.nn.Linear(1, 1)
+    optim_wrapper = build_optim_wrapper(model, cfg.optim_wrapper)
+    runner = _fake_runner(cfg, gpus, epoch)
+    Runner.scale_lr(runner, optim_wrapper, cfg.auto_scale_lr)
+    peak = 0.016 * total / 256
+    assert optim_wrapper.get_lr()['lr'][0] == pytest.approx(peak)
+    schedulers = Runner._build_param_scheduler(
+        runner, cfg.param_scheduler, optim_wrapper)
+    assert [type(s).__name__ for s in schedulers] == [
+        'LinearLR', 'FractionalStepLR']
+
+    num_iters = 6 * epoch + 1
     lrs = []
     for _ in range(num_iters):
-        lrs.append(optimizer.param_groups[0]['lr'])
+        lrs.append(optim_wrapper.optimizer.param_groups[0]['lr'])
         for s in schedulers:
             s.step()
-    return np.array(lrs)
-
-
-@pytest.mark.parametrize('name', ['atomnas-a_in1k.py',
-                                  'atomnas-a_plus_in1k.py'])
-def test_retrain_lr_schedule(name):
-    cfg = Config.fromfile(osp.join(ROOT, 'configs/retrain', name))
-    total = RETRAIN[name][1]
-    epoch = cfg.iters_per_epoch
-    # DefaultSampler on 32 ranks: ceil(ceil(1281167 / 32) / batch) iters.
-    assert epoch == {2048: 626, 4096: 313}[total]
-    step = cfg.param_scheduler[1].step_size
-    assert step == round(2.4 * epoch)
-    peak = 0.016 * total / 256
-    lrs = _lr_curve(cfg, 6 * epoch + 1, epoch)
-    t = np.arange(len(lrs))
-    # warm-up from 0.016 (the per-256 lr), linear over 5 epochs (mmengine's
-    # LinearLR reaches the peak at the last warm-up iteration), times the
-    # staircase 0.97 ** (t // step) counted from iteration 0.
+    lrs = np.array(lrs)
+    t = np.arange(num_iters)
+    # linear warm-up from lr / 8 over 5 epochs (mmengine's LinearLR reaches
+    # the peak at the last warm-up iteration), times the staircase
+    # 0.97 ** floor(t / (2.4 epochs)) counted from iteration 0.
     warm_iters = 5 * epoch - 1
-    warm = 256 / total + (1 - 256 / total) * np.minimum(t, warm_iters) / (
-        warm_iters)
-    expected = peak * warm * 0.97**(t // step)
+    warm = 1 / 8 + 7 / 8 * np.minimum(t, warm_iters) / warm_iters
+    stairs = np.floor(t / (2.4 * epoch))
+    expected = peak * warm * 0.97**stairs
     np.testing.assert_allclose(lrs, expected, rtol=1e-6)
-    assert lrs[0] == pytest.approx(0.016)
+    assert lrs[0] == pytest.approx(peak / 8)
+    # two decays by the end of the warm-up, the 3rd after 7.2 epochs
     assert lrs[5 * epoch] == pytest.approx(peak * 0.97**2)
-    assert lrs[6 * epoch] == pytest.approx(peak * 0.97**(6 * epoch // step))
+    assert lrs[6 * epoch] == pytest.approx(peak * 0.97**2)
+    step = 2.4 * epoch
+    first = math.ceil(step)  # first iteration at the lower lr
+    assert lrs[first] / lrs[first - 1] < 0.98
+    assert lrs[first + 1] / lrs[first] > 1  # the warm-up still climbs
 
 
-def test_ema_warmup_matches_reference():
-    cfg = Config.fromfile(osp.join(ROOT, 'configs/retrain/atomnas-a_in1k.py'))
-    hook = cfg.custom_hooks[0]
+@pytest.mark.parametrize('gpus', [8, 32])
+@pytest.mark.parametrize('rel', ['retrain/atomnas-a_in1k.py',
+                                 'retrain/atomnas-a_plus_in1k.py',
+                                 'atomnas_b.py'])
+def test_ema_momentum(rel, gpus, monkeypatch):
+    cfg = _config(rel)
+    batch = cfg.train_dataloader.batch_size
+    total = gpus * batch
+    monkeypatch.setattr(ema_module, 'get_world_size', lambda: gpus)
+    hook = _build_hook(cfg.custom_hooks[0])
     model = torch.nn.Linear(1, 1, bias=False)
-    ema = MODELS.build(dict(type=hook.ema_type, model=model,
-                            momentum=hook.momentum, gamma=hook.gamma))
+    hook.before_run(SimpleNamespace(model=model))
+    ema = hook.ema_model
+    assert type(ema).__name__ == 'BatchScaledEMA'
+    assert ema.total_batch == total
+    decay = 0.9999**(total / 4096)
+    # mmengine momentum = 1 - decay
+    assert ema.momentum == pytest.approx(1 - decay, rel=1e-9)
+    assert ema.update_buffers
+
     with torch.no_grad():
         model.weight.fill_(0.)
-    ema.update_parameters(model)  # steps 0: copy
-    decay = 0.9999**0.5
+    ema.update_parameters(model)  # step 0: copy
     avg = 0.
     for t in range(30):
         with torch.no_grad():
@@ -186,27 +331,55 @@ def test_ema_warmup_matches_reference():
         d = min(decay, (1 + t) / (10 + t))  # reference EMA warm-up
         avg = d * avg + (1 - d) * (t + 1)
         assert ema.module.weight.item() == pytest.approx(avg, rel=1e-5)
+    # long after the warm-up the decay per iteration is the scaled one
+    ema.steps.fill_(10**6)
+    with torch.no_grad():
+        ema.module.weight.fill_(0.)
+        model.weight.fill_(1e6)
+    ema.update_parameters(model)
+    assert ema.module.weight.item() == pytest.approx(1e6 * (1 - decay),
+                                                     rel=1e-4)
 
 
 def test_cpu_ddp_workaround(monkeypatch):
-    train_tool = _load_tool('train')
+    train_tool, test_tool = _load_tool('train'), _load_tool('test')
+    # the tools use the package function, no private copy
+    for tool in (train_tool, test_tool):
+        assert not hasattr(tool, 'apply_cpu_ddp_workaround')
     monkeypatch.setattr(torch.cuda, 'set_device', torch.cuda.set_device)
-    cfg = Config(dict(env_cfg=dict(dist_cfg=dict(backend='nccl'))))
-    assert not train_tool.apply_cpu_ddp_workaround(cfg, 'none')
-    assert 'model_wrapper_cfg' not in cfg
-    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
-    assert not train_tool.apply_cpu_ddp_workaround(cfg, 'pytorch')
-    assert cfg.env_cfg.dist_cfg.backend == 'nccl'
+    cfg = Config(dict(launcher='none',
+                      env_cfg=dict(dist_cfg=dict(backend='nccl'))))
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
-    assert train_tool.apply_cpu_ddp_workaround(cfg, 'pytorch')
+    assert not cpu_ddp_workaround(cfg)
+    assert 'model_wrapper_cfg' not in cfg
+    cfg.launcher = 'pytorch'
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    assert not cpu_ddp_workaround(cfg)
+    assert cfg.env_cfg.dist_cfg.backend == 'nccl'
+    assert 'model_wrapper_cfg' not in cfg
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    assert cpu_ddp_workaround(cfg)
     assert cfg.model_wrapper_cfg == dict(
         type='MMDistributedDataParallel', device_ids=None,
         broadcast_buffers=False)
     assert cfg.env_cfg.dist_cfg.backend == 'gloo'
     torch.cuda.set_device(3)  # a no-op now
-    own = Config(dict(model_wrapper_cfg=dict(type='Mine')))
-    train_tool.apply_cpu_ddp_workaround(own, 'pytorch')
+    # a config's own wrapper and a non-nccl backend are kept
+    own = Config(dict(launcher='mpi', model_wrapper_cfg=dict(type='Mine'),
+                      env_cfg=dict(dist_cfg=dict(backend='mpi'))))
+    assert cpu_ddp_workaround(own)
     assert own.model_wrapper_cfg == dict(type='Mine')
+    assert own.env_cfg.dist_cfg.backend == 'mpi'
+    # no env_cfg at all: gloo is set in the stored config
+    bare = Config(dict(launcher='slurm'))
+    assert cpu_ddp_workaround(bare)
+    assert bare.env_cfg.dist_cfg.backend == 'gloo'
+    # the shipped runtime asks for nccl: switched
+    shipped = _config('retrain/atomnas-a_in1k.py')
+    assert shipped.env_cfg.dist_cfg.backend == 'nccl'
+    shipped.launcher = 'pytorch'
+    assert cpu_ddp_workaround(shipped)
+    assert shipped.env_cfg.dist_cfg.backend == 'gloo'
 
 
 def test_get_flops_atomnas_a(tmp_path):
@@ -236,6 +409,8 @@ def _write_images(root, num_per_class):
             cv2.imwrite(osp.join(root, cls, f'{i}.png'), img)
 
 
+# The retrain recipe unchanged (optimizer, schedules, auto_scale_lr, EMA,
+# weight decay and BN recalibration hooks) on 4 tiny images of 2 classes.
 TINY_CONFIG = """
 _base_ = [{base!r}]
 model = dict(head=dict(num_classes=2, topk=(1, )))
@@ -287,17 +462,44 @@ def _run(args, cwd, timeout=300, env=ENV):
     return out
 
 
-def _logged_iters(work_dir):
+def _train_records(work_dir):
+    """The per-iteration training records of scalars.json, by iteration."""
     scalars = glob.glob(osp.join(work_dir, '*/vis_data/scalars.json'))
-    iters = []
+    records = []
     for path in scalars:
         with open(path) as f:
             for line in f:
                 record = json.loads(line)
                 if 'loss' in record:
                     assert np.isfinite(record['loss'])
-                    iters.append(record['iter'])
-    return sorted(iters)
+                    records.append(record)
+    return sorted(records, key=lambda r: r['iter'])
+
+
+def _logged_iters(work_dir):
+    return [r['iter'] for r in _train_records(work_dir)]
+
+
+def _check_recipe_in_run(work_dir, total_batch, epoch_length):
+    """The retrain recipe as the Runner applied it (first log of work_dir)."""
+    log = open(sorted(glob.glob(osp.join(work_dir, '*/*.log')))[0]).read()
+    # auto_scale_lr against the real total batch (ranks x batch per rank)
+    assert (f'LR is set based on batch size of 256 and the current batch '
+            f'size is {total_batch}.') in log
+    for hook in ('EMAHook', 'BNL1PenaltyHook', 'BNRecalibrationHook'):
+        assert hook in log
+    assert (f'BNRecalibrationHook: BN statistics re-estimated on '
+            f'{epoch_length} training batches') in log
+    first, second = _train_records(work_dir)[:2]
+    # warm-up from lr / 8, linear over 5 epochs (LinearLR: 5 * len - 1
+    # steps), with lr = 0.016 * total / 256
+    peak = 0.016 * total_batch / 256
+    warm_iters = 5 * epoch_length - 1
+    assert first['lr'] == pytest.approx(peak / 8)
+    assert second['lr'] == pytest.approx(
+        peak * (1 / 8 + 7 / 8 / warm_iters))
+    # weight decay as a loss term (BNL1PenaltyHook, rho 0)
+    assert first['loss_wd'] > 0 and first['rho'] == 0
 
 
 def test_train_test_resume(tiny_config, tmp_path):
@@ -308,6 +510,7 @@ def test_train_test_resume(tiny_config, tmp_path):
     ckpt = osp.join(work_dir, 'epoch_1.pth')
     assert osp.isfile(ckpt)
     assert _logged_iters(work_dir) == [1, 2]
+    _check_recipe_in_run(work_dir, total_batch=2, epoch_length=2)
     state = torch.load(ckpt, map_location='cpu', weights_only=True)
     assert 'ema_state_dict' in state  # EMAHook of the retrain recipe
 
@@ -348,3 +551,5 @@ def test_dist_train_two_cpu_processes(tiny_config, tmp_path):
     assert 'Distributed training: True' in log and 'GPU number: 2' in log
     assert "dist_cfg=dict(backend='gloo')" in log
     assert 'device_ids=None' in log
+    # 2 ranks x 2 images: the lr follows the total batch
+    _check_recipe_in_run(work_dir, total_batch=4, epoch_length=1)

@@ -1,7 +1,8 @@
 """Test (and evaluate) a checkpoint; atomnas_mm's modules registered.
 
-The interface is mmpretrain 1.2.0's ``tools/test.py``; path handling and the
-CPU DDP workaround are shared with ``tools/train.py``.
+The interface is mmpretrain 1.2.0's ``tools/test.py``; path handling is
+shared with ``tools/train.py``, the CPU DDP workaround is
+``atomnas_mm.utils.cpu_ddp_workaround``.
 """
 import argparse
 import importlib.util
@@ -180,7 +181,9 @@ def main(argv=None):
 
     cfg = Config.fromfile(args.config)
     cfg = merge_args(cfg, args)
-    train_tool.apply_cpu_ddp_workaround(cfg, args.launcher)
+    cfg.launcher = args.launcher  # what cpu_ddp_workaround reads
+    from atomnas_mm.utils import cpu_ddp_workaround
+    cpu_ddp_workaround(cfg)
 
     if 'runner_type' not in cfg:
         runner = Runner.from_cfg(cfg)

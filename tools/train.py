@@ -3,7 +3,7 @@
 The interface is mmpretrain 1.2.0's ``tools/train.py``. It runs from any
 directory: the repository root is put on ``sys.path`` only when atomnas_mm
 is not importable. With a distributed launcher on a machine without CUDA it
-applies the CPU DDP workaround (see ``apply_cpu_ddp_workaround``).
+applies the CPU DDP workaround (``atomnas_mm.utils.cpu_ddp_workaround``).
 """
 import argparse
 import os
@@ -25,40 +25,6 @@ def import_atomnas_mm():
     except ImportError:
         sys.path.insert(0, REPO_ROOT)
         import atomnas_mm  # noqa: F401
-
-
-def apply_cpu_ddp_workaround(cfg, launcher):
-    """Make distributed training work on CPU-only machines (gloo).
-
-    mmengine 0.10.7 calls ``torch.cuda.set_device(local_rank)`` when it
-    initialises the process group and wraps the model with
-    ``device_ids=[local_rank]``; both fail without CUDA. When CUDA is
-    unavailable and ``launcher`` is not ``'none'``, this makes
-    ``torch.cuda.set_device`` a no-op, switches the ``nccl`` backend to
-    ``gloo`` and sets ``model_wrapper_cfg`` to a CPU DDP wrapper unless the
-    config has one. Nothing changes on a machine with CUDA.
-
-    Args:
-        cfg (mmengine.Config): The config, modified in place.
-        launcher (str): The job launcher.
-
-    Returns:
-        bool: Whether the workaround was applied.
-    """
-    import torch
-    if launcher == 'none' or torch.cuda.is_available():
-        return False
-    torch.cuda.set_device = lambda *args, **kwargs: None
-    env_cfg = cfg.setdefault('env_cfg', {})
-    dist_cfg = env_cfg.setdefault('dist_cfg', {})
-    if dist_cfg.get('backend', 'nccl') == 'nccl':
-        dist_cfg['backend'] = 'gloo'
-    if cfg.get('model_wrapper_cfg') is None:
-        cfg.model_wrapper_cfg = dict(
-            type='MMDistributedDataParallel',
-            device_ids=None,
-            broadcast_buffers=False)
-    return True
 
 
 def parse_args(argv=None):
@@ -193,7 +159,9 @@ def main(argv=None):
 
     cfg = Config.fromfile(args.config)
     cfg = merge_args(cfg, args)
-    apply_cpu_ddp_workaround(cfg, args.launcher)
+    cfg.launcher = args.launcher  # what cpu_ddp_workaround reads
+    from atomnas_mm.utils import cpu_ddp_workaround
+    cpu_ddp_workaround(cfg)
 
     if 'runner_type' not in cfg:
         runner = Runner.from_cfg(cfg)
