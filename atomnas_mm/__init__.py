@@ -32,5 +32,8 @@ from . import checkpoint  # noqa: E402,F401  (weights_only allowlist)
 from . import datasets  # noqa: E402,F401
 from .engine import *  # noqa: E402,F401,F403
 from .models import AtomNAS  # noqa: E402
+from .apis import register_model_index  # noqa: E402
+
+register_model_index()  # mmpretrain.list_models('atomnas*') / get_model
 
 __all__ = ['__version__', 'AtomNAS']

@@ -83,7 +83,7 @@ val_cfg = dict()
 test_cfg = dict()
 
 custom_hooks = [
-    dict(type='EMAHook', momentum=0.01, update_buffers=True,
+    dict(type='EMAHook', momentum=0.05, update_buffers=True,
          priority='ABOVE_NORMAL'),
     dict(type='atomnas_mm.BNL1PenaltyHook', rho=3e-3, warmup_epochs=0.5,
          weight_decay=4e-5),

@@ -1,7 +1,7 @@
 """Re-estimate BatchNorm statistics before validation (on the EMA weights)."""
 import torch
 from mmengine.dist import all_reduce_params
-from mmengine.hooks import Hook
+from mmengine.hooks import EMAHook, Hook
 from mmengine.model import is_model_wrapper
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -45,39 +45,57 @@ def recalibrate_bn(model, batches):
 
 @HOOKS.register_module()
 class BNRecalibrationHook(Hook):
-    """Re-estimate BN statistics on training batches before validation.
+    """Re-estimate the BN statistics of the EMA weights on training batches.
 
-    Runs after EMAHook has swapped the averaged weights in, so the evaluated
-    (EMA) weights get statistics of their own, as the AtomNAS reference
-    evaluated. Under DDP the statistics are averaged over ranks.
+    The AtomNAS reference validated (and reported) the EMA weights after BN
+    re-calibration. This hook does it on the EMA copy itself (the live model
+    without EMAHook) at the end of every ``interval`` epochs/iterations and
+    at the end of training: after AtomShrinkHook, before validation and
+    before CheckpointHook, so the checkpoint holds the statistics that the
+    validation used. Under DDP the statistics are averaged over ranks.
 
     Args:
         num_batches (int): Training batches to use (per rank).
-        on_test (bool): Also recalibrate before the test loop (needs a
-            ``train_dataloader`` in the config).
+        interval (int): Every ``interval`` epochs (or iterations).
+        by_epoch (bool): Count ``interval`` in epochs (else iterations);
+            match the validation interval of the train loop.
     """
 
-    # After EMAHook (NORMAL) has swapped in the EMA weights.
-    priority = 'BELOW_NORMAL'
+    # After AtomShrinkHook (HIGH), before CheckpointHook (VERY_LOW).
+    priority = 'NORMAL'
 
-    def __init__(self, num_batches=50, on_test=False):
+    def __init__(self, num_batches=50, interval=1, by_epoch=True):
         if num_batches < 1:
             raise ValueError(f'num_batches must be >= 1, got {num_batches}')
+        if interval < 1:
+            raise ValueError(f'interval must be >= 1, got {interval}')
         self.num_batches = num_batches
-        self.on_test = on_test
+        self.interval = interval
+        self.by_epoch = by_epoch
 
-    def before_val_epoch(self, runner):
-        self._recalibrate(runner)
+    def after_train_epoch(self, runner):
+        if self.by_epoch and (self.every_n_epochs(runner, self.interval)
+                              or self.is_last_train_epoch(runner)):
+            self.recalibrate(runner)
 
-    def before_test_epoch(self, runner):
-        if self.on_test:
-            self._recalibrate(runner)
+    def after_train_iter(self, runner, batch_idx, data_batch=None,
+                         outputs=None):
+        if not self.by_epoch and (
+                self.every_n_train_iters(runner, self.interval)
+                or self.is_last_train_iter(runner)):
+            self.recalibrate(runner)
 
-    def _recalibrate(self, runner):
-        model = runner.model.module if is_model_wrapper(runner.model) \
-            else runner.model
-        loader = runner.train_dataloader
-        batches = (b for b, _ in zip(loader, range(self.num_batches)))
+    def recalibrate(self, runner):
+        """Recalibrate the EMA copy (or the live model) now."""
+        model = None
+        for hook in runner.hooks:
+            if isinstance(hook, EMAHook) and hasattr(hook, 'ema_model'):
+                model = hook.ema_model.module
+        if model is None:
+            model = runner.model.module if is_model_wrapper(runner.model) \
+                else runner.model
+        batches = (b for b, _ in zip(runner.train_dataloader,
+                                     range(self.num_batches)))
         count = recalibrate_bn(model, batches)
         buffers = [b for m in model.modules() if isinstance(m, _BatchNorm)
                    for b in (m.running_mean, m.running_var)]

@@ -1,0 +1,223 @@
+"""tools/export_searched.py: a tiny search, export, re-test the export."""
+import copy
+import importlib.util
+import json
+import os.path as osp
+
+import pytest
+import torch
+from mmengine.config import Config
+from mmengine.hooks import Hook
+from mmengine.registry import DATASETS
+from mmengine.runner import Runner
+from mmpretrain.registry import MODELS
+from mmpretrain.structures import DataSample
+from torch.utils.data import Dataset
+
+import atomnas_mm  # noqa: F401
+
+REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
+ROWS = [[8, 1, 1, [3], [8], False], [12, 1, 2, [3, 5, 7], [6, 6, 6], True],
+        [12, 1, 1, [3, 5, 7], [6, 6, 6], True],
+        [16, 1, 2, [3, 5], [8, 8], True],
+        [16, 1, 1, [3, 5, 7], [4, 4, 4], True]]
+# {epoch: {block: [kernel keys whose gammas are zeroed]}}
+SCHEDULE = {0: {'backbone.layer2.0': ['k5']},
+            1: {'backbone.layer2.1': ['k3', 'k5', 'k7'],
+                'backbone.layer3.0': ['k3']}}
+
+
+def load_tool(name):
+    path = osp.join(REPO, 'tools', f'{name}.py')
+    spec = importlib.util.spec_from_file_location(f'_tool_{name}', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@DATASETS.register_module(force=True)
+class ExportToyData(Dataset):
+    """Random 32x32 images, 4 classes."""
+    metainfo = dict(classes=('a', 'b', 'c', 'd'))
+
+    def __init__(self, n=16):
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randint(0, 255, (n, 3, 32, 32), generator=g,
+                               dtype=torch.uint8)
+        self.y = torch.randint(0, 4, (n, ), generator=g)
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return dict(inputs=self.x[i],
+                    data_samples=DataSample().set_gt_label(int(self.y[i])))
+
+
+class KillAtomsHook(Hook):
+    """Stands in for the L1 penalty: zeroes chosen gammas (live and EMA)."""
+    priority = 'VERY_HIGH'  # before AtomShrinkHook
+
+    def __init__(self, schedule):
+        self.schedule = schedule
+
+    def after_train_epoch(self, runner):
+        from mmengine.hooks import EMAHook
+        models = [runner.model] + [h.ema_model.module for h in runner.hooks
+                                   if isinstance(h, EMAHook)]
+        for model in models:
+            mods = dict(model.named_modules())
+            for name, keys in self.schedule.get(runner.epoch, {}).items():
+                for key in keys:
+                    mods[name].dw[key].norm.weight.data.zero_()
+
+
+class ValMetricsHook(Hook):
+    def __init__(self):
+        self.metrics = []
+
+    def after_val_epoch(self, runner, metrics=None):
+        self.metrics.append(dict(metrics))
+
+
+def search_cfg(work_dir):
+    # No BNRecalibrationHook: it re-estimates the EMA BN statistics before
+    # each validation, after the epoch's checkpoint was written, so the
+    # final validation would not use the checkpointed statistics.
+    loader = dict(dataset=dict(type='ExportToyData'), batch_size=4,
+                  num_workers=0,
+                  sampler=dict(type='DefaultSampler', shuffle=True),
+                  collate_fn=dict(type='pseudo_collate'))
+    return dict(
+        model=dict(
+            type='ImageClassifier',
+            data_preprocessor=dict(type='ClsDataPreprocessor',
+                                   mean=[127.5] * 3, std=[127.5] * 3),
+            backbone=dict(type='atomnas_mm.AtomNAS',
+                          arch=dict(rows=ROWS, stem_channels=8,
+                                    last_channels=32)),
+            neck=dict(type='GlobalAveragePooling'),
+            head=dict(type='LinearClsHead', num_classes=4, in_channels=32,
+                      loss=dict(type='CrossEntropyLoss'))),
+        work_dir=work_dir,
+        train_dataloader=loader,
+        val_dataloader=dict(copy.deepcopy(loader),
+                            sampler=dict(type='DefaultSampler',
+                                         shuffle=False)),
+        val_evaluator=dict(type='Accuracy', topk=(1, )),
+        val_cfg=dict(),
+        optim_wrapper=dict(optimizer=dict(type='RMSprop', lr=0.01,
+                                          momentum=0.9, eps=1e-3)),
+        train_cfg=dict(by_epoch=True, max_epochs=2, val_interval=1),
+        custom_hooks=[
+            dict(type='EMAHook', momentum=0.3, update_buffers=True),
+            dict(type='atomnas_mm.AtomShrinkHook', min_removed_flops=0,
+                 input_size=32),
+        ],
+        default_hooks=dict(checkpoint=dict(type='CheckpointHook',
+                                           interval=1)),
+        randomness=dict(seed=0),
+        default_scope='mmpretrain',
+        log_level='WARNING')
+
+
+@torch.no_grad()
+def logits(model, data):
+    model.eval()
+    batch = model.data_preprocessor(data, False)
+    return model(batch['inputs'], mode='tensor')
+
+
+@pytest.fixture(scope='module')
+def search(tmp_path_factory):
+    work_dir = str(tmp_path_factory.mktemp('search') / 'tiny_search')
+    runner = Runner.from_cfg(search_cfg(work_dir))
+    val = ValMetricsHook()
+    runner.register_hook(KillAtomsHook(SCHEDULE))
+    runner.register_hook(val)
+    runner.train()
+    ema = [h for h in runner.hooks if type(h).__name__ == 'EMAHook'][0]
+    return dict(work_dir=work_dir, runner=runner, val=val.metrics[-1],
+                ema_model=ema.ema_model.module)
+
+
+def test_export_and_retest(search, tmp_path):
+    runner = search['runner']
+    rows = runner.model.backbone.arch_rows()
+    assert rows[1][3:5] == [[3, 7], [6, 6]]    # the search did shrink
+    assert rows[2][3:5] == [[], []]
+
+    out = str(tmp_path / 'export')
+    paths = load_tool('export_searched').main([search['work_dir'],
+                                               '--out', out])
+    assert osp.basename(paths['config']) == 'tiny_search.py'
+
+    with open(paths['arch']) as f:
+        arch = json.load(f)
+    assert arch['rows'] == rows
+    assert (arch['stem_channels'], arch['last_channels']) == (8, 32)
+
+    ckpt = torch.load(paths['checkpoint'], weights_only=True)
+    assert set(ckpt) == {'state_dict', 'meta'}
+    assert ckpt['meta']['atomnas_arch']['backbone']['rows'] == rows
+
+    text = open(paths['config']).read()
+    assert 'AtomShrinkHook' not in text and 'BNL1PenaltyHook' not in text
+    cfg = Config.fromfile(paths['config'])
+    assert cfg.model.backbone.arch.rows == rows
+
+    # The exported model computes exactly what the search's EMA model does
+    # (and not what the live model does).
+    model = MODELS.build(cfg.model)
+    model.load_state_dict(ckpt['state_dict'])
+    data = runner.val_dataloader.collate_fn(
+        [runner.val_dataloader.dataset[i] for i in range(8)])
+    expected = logits(search['ema_model'], data)
+    torch.testing.assert_close(logits(model, data), expected, rtol=0,
+                               atol=1e-6)
+    assert not torch.allclose(logits(runner.model, data), expected)
+
+    # tools/test.py on the exported config + checkpoint reproduces the
+    # search's final validation.
+    metrics = load_tool('test').main([
+        paths['config'], paths['checkpoint'],
+        '--work-dir', str(tmp_path / 'test')])
+    assert metrics['accuracy/top1'] == pytest.approx(
+        search['val']['accuracy/top1'])
+
+
+def test_export_inherit_and_errors(search, tmp_path):
+    tool = load_tool('export_searched')
+    ckpt = osp.join(search['work_dir'], 'epoch_2.pth')
+    retrain = osp.join(REPO, 'configs', 'retrain', 'atomnas-a_in1k.py')
+    paths = tool.main([ckpt, '--out', str(tmp_path), '--name', 'net',
+                       '--inherit', retrain])
+    cfg = Config.fromfile(paths['config'])
+    rows = search['runner'].model.backbone.arch_rows()
+    assert cfg.model.backbone.arch['rows'] == rows
+    assert cfg.model.head.num_classes == 1000           # from the base
+    assert cfg.train_cfg.max_epochs == 350
+
+    with pytest.raises(FileNotFoundError, match='does not exist'):
+        tool.main([str(tmp_path / 'nowhere'), '--out', str(tmp_path)])
+    plain = str(tmp_path / 'plain.pth')
+    torch.save(dict(state_dict={}, meta={}), plain)
+    with pytest.raises(ValueError, match='atomnas_arch'):
+        tool.main([plain, '--out', str(tmp_path)])
+
+
+def test_model_index_registered():
+    """mmpretrain's get_model/list_models find the AtomNAS configs."""
+    import mmpretrain
+    from atomnas_mm.apis import find_model_index, register_model_index
+    path = find_model_index()
+    if path is None:
+        pytest.skip('no model-index.yml in this checkout/install')
+    assert register_model_index() == path
+    assert register_model_index() == path          # idempotent
+    names = mmpretrain.list_models('atomnas*')
+    assert 'atomnas-a_in1k' in names
+    assert 'resnet50_8xb32_in1k' in mmpretrain.list_models('resnet50*')
+    model = mmpretrain.get_model('atomnas-a_in1k')
+    assert type(model.backbone).__name__ == 'AtomNAS'
+    assert model.backbone.arch_rows()[1][4] == [16, 12, 9]
