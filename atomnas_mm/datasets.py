@@ -48,7 +48,9 @@ class FashionMNIST(_FashionMNIST):
         data_root (str): Directory with the idx files, unpacked or ``.gz``.
         cache_dir (str): Where ``.gz`` files are unpacked once.
         **kwargs: mmpretrain FashionMNIST arguments (``split``,
-            ``pipeline``, ...). Never downloads.
+            ``pipeline``, ...). ``split='test'`` reads the test files
+            (mmpretrain alone needs ``test_mode=True`` for that). Never
+            downloads.
     """
 
     def __init__(self, data_root=DEBIAN_ROOT,
@@ -56,4 +58,7 @@ class FashionMNIST(_FashionMNIST):
         names = [n[:-3] for n, _ in self.train_list + self.test_list]
         root = unpack_idx_files(data_root, cache_dir, names)
         kwargs['download'] = False
+        # mmpretrain's MNIST picks its files by test_mode, not by split:
+        # split='test' alone would silently read the training images.
+        kwargs.setdefault('test_mode', kwargs.get('split', 'train') == 'test')
         super().__init__(data_root=root, **kwargs)
