@@ -8,23 +8,14 @@ import pytest
 import torch
 from mmengine.config import Config
 from mmengine.hooks import Hook
-from mmengine.registry import DATASETS
 from mmengine.runner import Runner
 from mmpretrain.registry import MODELS
-from mmpretrain.structures import DataSample
-from torch.utils.data import Dataset
 
 import atomnas_mm  # noqa: F401
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
-ROWS = [[8, 1, 1, [3], [8], False], [12, 1, 2, [3, 5, 7], [6, 6, 6], True],
-        [12, 1, 1, [3, 5, 7], [6, 6, 6], True],
-        [16, 1, 2, [3, 5], [8, 8], True],
-        [16, 1, 1, [3, 5, 7], [4, 4, 4], True]]
-# {epoch: {block: [kernel keys whose gammas are zeroed]}}
-SCHEDULE = {0: {'backbone.layer2.0': ['k5']},
-            1: {'backbone.layer2.1': ['k3', 'k5', 'k7'],
-                'backbone.layer3.0': ['k3']}}
+# The tiny search of test_shrink_hook: its arch, data and atom schedule.
+from test_shrink_hook import ROWS, SCHEDULE, KillAtomsHook  # noqa: E402
 
 
 def load_tool(name):
@@ -33,43 +24,6 @@ def load_tool(name):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-@DATASETS.register_module(force=True)
-class ExportToyData(Dataset):
-    """Random 32x32 images, 4 classes."""
-    metainfo = dict(classes=('a', 'b', 'c', 'd'))
-
-    def __init__(self, n=16):
-        g = torch.Generator().manual_seed(0)
-        self.x = torch.randint(0, 255, (n, 3, 32, 32), generator=g,
-                               dtype=torch.uint8)
-        self.y = torch.randint(0, 4, (n, ), generator=g)
-
-    def __len__(self):
-        return len(self.x)
-
-    def __getitem__(self, i):
-        return dict(inputs=self.x[i],
-                    data_samples=DataSample().set_gt_label(int(self.y[i])))
-
-
-class KillAtomsHook(Hook):
-    """Stands in for the L1 penalty: zeroes chosen gammas (live and EMA)."""
-    priority = 'VERY_HIGH'  # before AtomShrinkHook
-
-    def __init__(self, schedule):
-        self.schedule = schedule
-
-    def after_train_epoch(self, runner):
-        from mmengine.hooks import EMAHook
-        models = [runner.model] + [h.ema_model.module for h in runner.hooks
-                                   if isinstance(h, EMAHook)]
-        for model in models:
-            mods = dict(model.named_modules())
-            for name, keys in self.schedule.get(runner.epoch, {}).items():
-                for key in keys:
-                    mods[name].dw[key].norm.weight.data.zero_()
 
 
 class ValMetricsHook(Hook):
@@ -84,7 +38,7 @@ def search_cfg(work_dir):
     # No BNRecalibrationHook: it re-estimates the EMA BN statistics before
     # each validation, after the epoch's checkpoint was written, so the
     # final validation would not use the checkpointed statistics.
-    loader = dict(dataset=dict(type='ExportToyData'), batch_size=4,
+    loader = dict(dataset=dict(type='ToyData'), batch_size=4,
                   num_workers=0,
                   sampler=dict(type='DefaultSampler', shuffle=True),
                   collate_fn=dict(type='pseudo_collate'))

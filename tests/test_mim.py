@@ -135,3 +135,34 @@ def test_mim_finds_installed_package(wheel, tmp_path):
         assert osp.isfile(osp.join(mim_dir, model['config'])), model['config']
         assert model['flops'] == PUBLISHED[arch]['flops']
         assert model['imagenet-1k/top_1_accuracy'] == PUBLISHED[arch]['top1']
+
+
+@pytest.mark.skipif(not osp.isdir('/usr/share/datasets/fashion-mnist'),
+                    reason='needs the Debian package dataset-fashion-mnist')
+def test_mim_train_demo(wheel, tmp_path):
+    """`mim train atomnas_mm configs/demo/...` on a `pip install .` install."""
+    site = tmp_path / 'site'
+    subprocess.run([PYTHON, '-m', 'pip', 'install', '--no-deps', '--no-index',
+                    '-q', '--target', str(site), wheel], check=True,
+                   timeout=120)
+    env = dict(os.environ, PYTHONPATH=str(site), PYTHONWARNINGS='ignore')
+    mim = osp.join(osp.dirname(PYTHON), 'mim')
+    work_dir = tmp_path / 'work'
+    out = subprocess.run(
+        [mim, 'train', 'atomnas_mm', 'configs/demo/atomnas_fashion_mnist.py',
+         '--work-dir', str(work_dir), '--cfg-options',
+         'train_cfg.max_epochs=1', 'train_dataloader.dataset.indices=128',
+         'val_dataloader.dataset.indices=64',
+         f'train_dataloader.dataset.cache_dir={tmp_path / "data"}',
+         f'val_dataloader.dataset.cache_dir={tmp_path / "data"}',
+         'train_dataloader.num_workers=0', 'val_dataloader.num_workers=0',
+         'train_dataloader.persistent_workers=False',
+         'val_dataloader.persistent_workers=False',
+         'custom_hooks.3.num_batches=1'],
+        env=env, cwd=str(tmp_path), capture_output=True, text=True,
+        timeout=600)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    assert str(site / 'atomnas_mm' / '.mim' / 'tools' / 'train.py') in \
+        out.stdout + out.stderr
+    assert (work_dir / 'epoch_1.pth').exists()
+    assert (work_dir / 'searched_arch.json').exists()

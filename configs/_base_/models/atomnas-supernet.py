@@ -1,24 +1,5 @@
-# model settings: AtomNAS supernet (search space, 32-channel stem; the
-# AtomNAS-A search uses backbone.stem_channels=16). Search-time dropout 0.2.
-# ``atomnas_mm.AtomNAS`` resolves from the mmpretrain scope through the
-# atomnas_mm registry (``locations``); ``custom_imports`` makes it explicit.
-custom_imports = dict(imports=['atomnas_mm'], allow_failed_imports=False)
+# model settings: the AtomNAS search space (ATOMNAS.md section 2; 32-channel
+# stem, set stem_channels=16 for the AtomNAS-A search), dropout 0.2.
+_base_ = './atomnas-a.py'
 
-model = dict(
-    type='ImageClassifier',
-    backbone=dict(type='atomnas_mm.AtomNAS', arch='supernet'),
-    neck=dict(type='GlobalAveragePooling'),
-    # Dropout 0.2 before the FC (ATOMNAS.md): mmpretrain's LinearClsHead
-    # has none, atomnas_mm's DropoutLinearClsHead adds it.
-    head=dict(
-        type='atomnas_mm.DropoutLinearClsHead',
-        dropout_rate=0.2,
-        num_classes=1000,
-        in_channels=1280,
-        loss=dict(
-            type='LabelSmoothLoss',
-            label_smooth_val=0.1,
-            mode='original',
-            loss_weight=1.0),
-        topk=(1, 5),
-    ))
+model = dict(backbone=dict(arch='supernet'))
