@@ -13,7 +13,7 @@ from mmpretrain.structures import DataSample
 from torch.utils.data import Dataset
 
 import atomnas_mm  # noqa: F401
-from atomnas_mm.engine.hooks import AtomShrinkHook  # noqa: F401
+from atomnas_mm.engine.hooks import AtomShrinkHook
 
 ROWS = [[8, 1, 1, [3], [8], False], [12, 1, 2, [3, 5, 7], [6, 6, 6], True],
         [12, 1, 1, [3, 5, 7], [6, 6, 6], True],
@@ -158,6 +158,12 @@ def test_search_resume_and_reload(tmp_path):
     assert n == 8
     assert resumed_record.losses == pytest.approx(record.losses[-n:],
                                                   rel=1e-5, abs=1e-6)
+    # The shrink history (flops.png) survives the resume.
+    def shrinks(r):
+        hook = [h for h in r.hooks if isinstance(h, AtomShrinkHook)][0]
+        return [(e['iter'], e['flops']) for e in hook.history
+                if e['removed_atoms'] is not None]
+    assert len(shrinks(runner)) == 2 and shrinks(runner2) == shrinks(runner)
     state2 = runner2.model.state_dict()
     assert state2.keys() == final_state.keys()
     for k, v in final_state.items():

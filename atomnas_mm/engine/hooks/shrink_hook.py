@@ -132,11 +132,15 @@ class AtomShrinkHook(Hook):
 
     # -- checkpoints ----------------------------------------------------------
     def before_save_checkpoint(self, runner, checkpoint):
-        checkpoint.setdefault('meta', {})['atomnas_arch'] = \
-            current_archs(self._model(runner))
+        meta = checkpoint.setdefault('meta', {})
+        meta['atomnas_arch'] = current_archs(self._model(runner))
+        meta['atomnas_history'] = self.history  # for flops.png after resume
 
     def after_load_checkpoint(self, runner, checkpoint):
         archs = checkpoint.get('meta', {}).get('atomnas_arch')
+        if runner._resume:
+            self.history = list(checkpoint.get('meta', {}).get(
+                'atomnas_history', []))
         model = self._model(runner)
         if not archs or archs == current_archs(model):
             return
