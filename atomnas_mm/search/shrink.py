@@ -71,27 +71,27 @@ def plan_shrink(model, threshold=1e-3, ema_model=None, ema_only=False):
 
 def removed_flops(model, plan, input_size=224):
     """Multiply-adds (at batch 1, ``input_size`` px) the plan removes."""
+    names = _block_names(model)
     total = 0.0
-    for bname, backbone in find_backbones(model).items():
-        rows = backbone.arch_rows()
-        costs = atom_costs(rows, backbone.stem_channels, input_size)
+    for backbone in find_backbones(model).values():
+        costs = atom_costs(backbone.arch_rows(), backbone.stem_channels,
+                           input_size)
         for block, cost in zip(backbone.blocks(), costs):
-            name = _block_name(model, block)
-            if name not in plan or cost is None:
+            keep = plan.get(names[id(block)])
+            if keep is None or cost is None:
                 continue
             per_atom = torch.cat([torch.full((h, ), c)
                                   for c, h in zip(cost, block.hidden)])
-            keep = torch.zeros(len(per_atom), dtype=torch.bool)
-            keep[plan[name]] = True
-            total += per_atom[~keep].sum().item()
+            dead = torch.ones(len(per_atom), dtype=torch.bool)
+            dead[keep] = False
+            total += per_atom[dead].sum().item()
     return total
 
 
-def _block_name(model, block):
-    for name, m in model.named_modules():
-        if m is block:
-            return name
-    raise KeyError('block not found in model')
+def _block_names(model):
+    """``{id(module): path}`` of every AtomicBlock in ``model``."""
+    return {id(m): name for name, m in model.named_modules()
+            if isinstance(m, AtomicBlock)}
 
 
 def _slice_param(module, name, dim, index, renamed):
@@ -292,6 +292,7 @@ def _plan_to_rows(model, path, backbone, arch):
     if len(rows) != len(blocks):
         raise ValueError(f'atomnas_arch: {path} has {len(blocks)} blocks, '
                          f'the checkpoint {len(rows)}')
+    names = _block_names(model)
     plan = {}
     for i, (row, block) in enumerate(zip(rows, blocks)):
         where = f'atomnas_arch: {path} block {i}'
@@ -311,8 +312,7 @@ def _plan_to_rows(model, path, backbone, arch):
                 raise ValueError(f'{where}: kernel {k} needs {h} atoms, the '
                                  f'model has {have.get(k, 0)}')
         if want != have:
-            plan[_block_name(model, block)] = torch.tensor(keep,
-                                                           dtype=torch.long)
+            plan[names[id(block)]] = torch.tensor(keep, dtype=torch.long)
     return plan
 
 
