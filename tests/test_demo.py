@@ -63,3 +63,7 @@ def test_demo_searches_and_shrinks(tmp_path):
     for name in ('searched_arch.json', 'arch.png', 'flops.png',
                  'epoch_2.pth'):
         assert (work_dir / name).exists(), name
+    # The pictures also went to the configured vis backend (LocalVisBackend).
+    sent = {p.name.split('_')[0]
+            for p in work_dir.glob('*/vis_data/vis_image/*.png')}
+    assert sent == {'arch', 'flops'}
