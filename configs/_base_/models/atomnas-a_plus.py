@@ -1,23 +1,6 @@
-# model settings: AtomNAS-A+ (Swish, squeeze-excite 0.5, 16-channel stem)
-# ``atomnas_mm.AtomNAS`` resolves from the mmpretrain scope through the
-# atomnas_mm registry (``locations``); ``custom_imports`` makes it explicit.
-custom_imports = dict(imports=['atomnas_mm'], allow_failed_imports=False)
+# model settings: AtomNAS-A+ (ATOMNAS.md section 3): the A rows with Swish,
+# squeeze-excite 0.5 (both come with the arch) and dropout 0.28.
+_base_ = './atomnas-a.py'
 
 model = dict(
-    type='ImageClassifier',
-    backbone=dict(type='atomnas_mm.AtomNAS', arch='atomnas_a_plus'),
-    neck=dict(type='GlobalAveragePooling'),
-    # Dropout 0.28 before the FC (ATOMNAS.md): mmpretrain's LinearClsHead
-    # has none, atomnas_mm's DropoutLinearClsHead adds it.
-    head=dict(
-        type='atomnas_mm.DropoutLinearClsHead',
-        dropout_rate=0.28,
-        num_classes=1000,
-        in_channels=1280,
-        loss=dict(
-            type='LabelSmoothLoss',
-            label_smooth_val=0.1,
-            mode='original',
-            loss_weight=1.0),
-        topk=(1, 5),
-    ))
+    backbone=dict(arch='atomnas_a_plus'), head=dict(dropout_rate=0.28))
