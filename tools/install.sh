@@ -54,7 +54,8 @@ if ! "$VENV/bin/python" -c "import mmcv, mmcv.ops; assert mmcv.__version__ == '2
   else
     echo "[install] building mmcv 2.1.0 with ops from the sdist (C++20 patch); this takes 10-20 minutes"
     tmp="$(mktemp -d)"
-    $PIP download -q --no-deps --no-binary :all: mmcv==2.1.0 -d "$tmp"
+    # --no-build-isolation: mmcv's setup.py needs torch just to report its metadata
+    $PIP download -q --no-deps --no-binary :all: --no-build-isolation mmcv==2.1.0 -d "$tmp"
     tar -xzf "$tmp"/mmcv-2.1.0.tar.gz -C "$tmp"
     sed -i 's/-std=c++17/-std=c++20/g' "$tmp/mmcv-2.1.0/setup.py"
     MMCV_WITH_OPS=1 FORCE_CUDA=0 MAX_JOBS="${MAX_JOBS:-2}" \
