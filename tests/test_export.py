@@ -1,5 +1,4 @@
 """tools/export_searched.py: a tiny search, export, re-test the export."""
-import copy
 import importlib.util
 import json
 import os.path as osp
@@ -15,7 +14,7 @@ import atomnas_mm  # noqa: F401
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 # The tiny search of test_shrink_hook: its arch, data and atom schedule.
-from test_shrink_hook import ROWS, SCHEDULE, KillAtomsHook  # noqa: E402
+from test_shrink_hook import SCHEDULE, KillAtomsHook, make_cfg  # noqa: E402
 
 
 def load_tool(name):
@@ -34,47 +33,6 @@ class ValMetricsHook(Hook):
         self.metrics.append(dict(metrics))
 
 
-def search_cfg(work_dir):
-    # No BNRecalibrationHook: it re-estimates the EMA BN statistics before
-    # each validation, after the epoch's checkpoint was written, so the
-    # final validation would not use the checkpointed statistics.
-    loader = dict(dataset=dict(type='ToyData'), batch_size=4,
-                  num_workers=0,
-                  sampler=dict(type='DefaultSampler', shuffle=True),
-                  collate_fn=dict(type='pseudo_collate'))
-    return dict(
-        model=dict(
-            type='ImageClassifier',
-            data_preprocessor=dict(type='ClsDataPreprocessor',
-                                   mean=[127.5] * 3, std=[127.5] * 3),
-            backbone=dict(type='atomnas_mm.AtomNAS',
-                          arch=dict(rows=ROWS, stem_channels=8,
-                                    last_channels=32)),
-            neck=dict(type='GlobalAveragePooling'),
-            head=dict(type='LinearClsHead', num_classes=4, in_channels=32,
-                      loss=dict(type='CrossEntropyLoss'))),
-        work_dir=work_dir,
-        train_dataloader=loader,
-        val_dataloader=dict(copy.deepcopy(loader),
-                            sampler=dict(type='DefaultSampler',
-                                         shuffle=False)),
-        val_evaluator=dict(type='Accuracy', topk=(1, )),
-        val_cfg=dict(),
-        optim_wrapper=dict(optimizer=dict(type='RMSprop', lr=0.01,
-                                          momentum=0.9, eps=1e-3)),
-        train_cfg=dict(by_epoch=True, max_epochs=2, val_interval=1),
-        custom_hooks=[
-            dict(type='EMAHook', momentum=0.3, update_buffers=True),
-            dict(type='atomnas_mm.AtomShrinkHook', min_removed_flops=0,
-                 input_size=32),
-        ],
-        default_hooks=dict(checkpoint=dict(type='CheckpointHook',
-                                           interval=1)),
-        randomness=dict(seed=0),
-        default_scope='mmpretrain',
-        log_level='WARNING')
-
-
 @torch.no_grad()
 def logits(model, data):
     model.eval()
@@ -85,7 +43,8 @@ def logits(model, data):
 @pytest.fixture(scope='module')
 def search(tmp_path_factory):
     work_dir = str(tmp_path_factory.mktemp('search') / 'tiny_search')
-    runner = Runner.from_cfg(search_cfg(work_dir))
+    # With EMA, shrink and BN re-calibration (before the checkpoint is written).
+    runner = Runner.from_cfg(make_cfg(work_dir, max_epochs=2))
     val = ValMetricsHook()
     runner.register_hook(KillAtomsHook(SCHEDULE))
     runner.register_hook(val)
