@@ -23,3 +23,7 @@ PARAM_SCHEDULERS = Registry('parameter scheduler',
                             locations=['atomnas_mm.engine.schedulers'])
 DATASETS = Registry('dataset', parent=MMENGINE_DATASETS, scope='atomnas_mm',
                     locations=['atomnas_mm.datasets'])
+# Search policy parts (criterion, trigger, penalty schedule, cost model);
+# mmengine has no such root registry.
+SEARCH = Registry('search policy', scope='atomnas_mm',
+                  locations=['atomnas_mm.search'])

@@ -7,7 +7,7 @@ def cpu_ddp_workaround(cfg):
 
     mmengine calls ``torch.cuda.set_device`` unconditionally and wraps with
     ``device_ids=[local_rank]``, which DDP rejects for CPU modules
-    (ENVIRONMENT.md). Without CUDA and with a launcher other than ``'none'``
+    (docs/method.md, "Known mmengine issues"). Without CUDA and with a launcher other than ``'none'``
     (``cfg['launcher']``): make ``set_device`` a no-op, switch an ``nccl``
     (or unset) backend to ``gloo`` and wrap with ``device_ids=None`` unless
     the config chose a wrapper.

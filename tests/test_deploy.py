@@ -8,7 +8,6 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from atomnas_mm.models import AtomicBlock, AtomNAS
 from atomnas_mm.models.deploy import (DeployedAtomicBlock, deploy_model,
                                       merge_depthwise)
-from atomnas_mm.search.shrink import shrink_block
 
 
 def _randomise_bn(model, seed=0):
@@ -54,7 +53,7 @@ def test_deploy_channels_last_and_emptied_block():
     model = _randomise_bn(AtomNAS(arch=dict(rows=rows, stem_channels=16,
                                             last_channels=32),
                                   out_indices=(2, ))).eval()
-    shrink_block(model.layer2[1], torch.zeros(0, dtype=torch.long))
+    model.layer2[1].remove_atoms(torch.zeros(0, dtype=torch.long))
     deployed = deploy_model(model)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():

@@ -17,7 +17,8 @@ from mmpretrain.structures import DataSample
 
 from atomnas_mm.engine.hooks.penalty_hook import BNL1PenaltyHook
 from atomnas_mm.models import AtomNAS
-from atomnas_mm.search.penalty import (bn_l1_penalty, decayed_params, rho_at,
+from atomnas_mm.search.policy import LinearRampSchedule
+from atomnas_mm.search.penalty import (bn_l1_penalty, decayed_params,
                                        weight_decay_loss)
 
 # 32 px toy arch: a fixed first block, two searchable blocks and one emptied
@@ -103,11 +104,11 @@ def test_weight_decay_loss_value_and_gradient():
 
 
 def test_rho_ramp():
-    assert rho_at(0, 1e-4, 10) == 0
-    assert rho_at(5, 1e-4, 10) == pytest.approx(5e-5)
-    assert rho_at(10, 1e-4, 10) == pytest.approx(1e-4)
-    assert rho_at(1000, 1e-4, 10) == pytest.approx(1e-4)
-    assert rho_at(0, 1e-4, 0) == pytest.approx(1e-4)
+    assert LinearRampSchedule(1e-4, 10)(0) == 0
+    assert LinearRampSchedule(1e-4, 10)(5) == pytest.approx(5e-5)
+    assert LinearRampSchedule(1e-4, 10)(10) == pytest.approx(1e-4)
+    assert LinearRampSchedule(1e-4, 10)(1000) == pytest.approx(1e-4)
+    assert LinearRampSchedule(1e-4, 0)(0) == pytest.approx(1e-4)
 
 
 # ---------------------------------------------------------------- runner
@@ -219,12 +220,12 @@ def test_hook_adds_penalty_and_weight_decay_gradients(tmp_path):
     assert any(isinstance(h, BNL1PenaltyHook) for h in runner.hooks)
     assert_grad_difference(hooked, plain, runner.model, rho, wd)
     hub = runner.message_hub
-    assert hub.get_scalar('train/rho').current() == pytest.approx(rho)
-    assert hub.get_scalar('train/loss_bn_l1').current() == pytest.approx(
-        rho * hub.get_scalar('train/bn_l1').current())
+    assert hub.get_scalar('train/penalty_rho').current() == pytest.approx(rho)
+    assert hub.get_scalar('train/loss_penalty').current() == pytest.approx(
+        rho * hub.get_scalar('train/penalty_l1').current())
     assert hub.get_scalar('train/loss_wd').current() > 0
     log = read_log(runner)
-    for key in ('loss_bn_l1:', 'rho:', 'loss_wd:'):
+    for key in ('loss_penalty:', 'penalty_rho:', 'loss_wd:', 'loss_total:'):
         assert key in log
     # The wrapper is removed after training.
     assert 'update_params' not in vars(runner.optim_wrapper)
@@ -235,12 +236,12 @@ def test_hook_ramps_rho_per_iteration_over_epochs(tmp_path):
     hook = BNL1PenaltyHook(rho=0.4, warmup_epochs=1)
     runner, _ = train(tmp_path, hooks=[hook],
                       train_cfg=dict(by_epoch=True, max_epochs=2))
-    rhos = runner.message_hub.get_scalar('train/rho').data[0]
+    rhos = runner.message_hub.get_scalar('train/penalty_rho').data[0]
     assert rhos.tolist() == pytest.approx([0.0, 0.2, 0.4, 0.4])
     hook = BNL1PenaltyHook(rho=0.4, warmup_iters=4)
     runner, _ = train(tmp_path, hooks=[hook],
                       train_cfg=dict(by_epoch=False, max_iters=2))
-    rhos = runner.message_hub.get_scalar('train/rho').data[0]
+    rhos = runner.message_hub.get_scalar('train/penalty_rho').data[0]
     assert rhos.tolist() == pytest.approx([0.0, 0.1])
 
 
@@ -299,8 +300,8 @@ def _ddp_worker(rank, world_size, port, work_dir, rho):
     model = runner.model.module
     torch.save(dict(hooked=hooked.records[0], plain=plain.records[0],
                     expected=penalty_grads(model),
-                    loss_bn_l1=runner.message_hub.get_scalar(
-                        'train/loss_bn_l1').current(),
+                    loss_penalty=runner.message_hub.get_scalar(
+                        'train/loss_penalty').current(),
                     wrapped=type(runner.model).__name__),
                osp.join(work_dir, f'rank{rank}.pt'))
 
@@ -313,8 +314,8 @@ def test_hook_under_ddp_gloo(tmp_path):
     ranks = [torch.load(tmp_path / f'rank{r}.pt')
              for r in range(2)]
     assert ranks[0]['wrapped'] == 'MMDistributedDataParallel'
-    assert ranks[0]['loss_bn_l1'] > 0
-    assert ranks[0]['loss_bn_l1'] == pytest.approx(ranks[1]['loss_bn_l1'])
+    assert ranks[0]['loss_penalty'] > 0
+    assert ranks[0]['loss_penalty'] == pytest.approx(ranks[1]['loss_penalty'])
     for name, (_, grad) in ranks[0]['hooked'].items():
         torch.testing.assert_close(grad, ranks[1]['hooked'][name][1],
                                    msg=name)  # DDP averaged them
@@ -335,4 +336,4 @@ def test_rho_follows_runner_iter_for_resume():
         f'penalty_{uuid.uuid4().hex}'))
     loss = hook.extra_loss(runner)
     assert loss.item() == pytest.approx(0.2 * bn_l1_penalty(backbone).item())
-    assert runner.message_hub.get_scalar('train/rho').current() == 0.2
+    assert runner.message_hub.get_scalar('train/penalty_rho').current() == 0.2

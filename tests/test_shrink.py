@@ -6,9 +6,9 @@ import torch
 from mmengine.model import ExponentialMovingAverage
 
 from atomnas_mm.models import AtomNAS
-from atomnas_mm.search import (apply_plan, plan_shrink, removed_flops,
-                               reshape_to_arch, shrink_model, shrink_optimizer)
-from atomnas_mm.search.shrink import block_gammas
+from atomnas_mm.search import (FLOPsCost, apply_plan, plan_shrink,
+                               removed_cost, reshape_to_arch, shrink_model,
+                               shrink_optimizer)
 
 ROWS = [[8, 1, 1, [3], [8], False], [12, 1, 2, [3, 5, 7], [6, 6, 6], True],
         [12, 1, 1, [3, 5, 7], [6, 6, 6], True],
@@ -102,7 +102,7 @@ def test_atom_costs_travel_with_atoms():
     assert torch.equal(net.blocks()[1].atom_cost, cost[plan['layer2.0']])
 
 
-def test_removed_flops():
+def test_removed_cost():
     net = small_net()
     kill_atoms(net)
     plan = plan_shrink(net)
@@ -110,7 +110,7 @@ def test_removed_flops():
     k3 = 8 * 256 + 9 * 64 + 12 * 64
     k5 = 8 * 256 + 25 * 64 + 12 * 64
     only_l20 = {'layer2.0': plan['layer2.0']}
-    assert removed_flops(net, only_l20, input_size=32) == 2 * k3 + 6 * k5
+    assert removed_cost(net, only_l20, FLOPsCost(32)) == 2 * k3 + 6 * k5
 
 
 def _train_step(net, opt, x):
@@ -200,11 +200,29 @@ def test_mismatched_checkpoint_is_refused():
     net = small_net()
     kill_atoms(net)
     shrink_model(net)
+    # A wider net cannot be loaded into a narrower one.
     with pytest.raises(ValueError, match='another architecture'):
-        small_net().load_state_dict(net.state_dict())
+        net.load_state_dict(small_net().state_dict())
+    other = AtomNAS(arch=dict(rows=ROWS[:1] + [[12, 1, 2, [3, 5, 9], [6, 6, 6],
+                                                True]] + ROWS[2:],
+                              stem_channels=8, last_channels=32))
+    with pytest.raises(ValueError, match='another architecture'):
+        other.load_state_dict(small_net().state_dict())
+
+
+def test_narrower_state_dict_reshapes_on_load():
+    """A checkpoint of a shrunk net loads into the supernet it came from."""
+    net = small_net()
+    kill_atoms(net)
+    shrink_model(net)
+    fresh = small_net(3)
+    fresh.load_state_dict(net.state_dict())
+    assert fresh.arch_dict() == net.arch_dict()
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(fresh.eval()(x)[0], net.eval()(x)[0])
 
 
 def test_block_gammas_order():
     net = small_net()
     b = net.blocks()[1]
-    assert torch.equal(block_gammas(b)[6:12], b.dw['k5'].norm.weight.detach())
+    assert torch.equal(b.gammas()[6:12], b.dw['k5'].norm.weight)

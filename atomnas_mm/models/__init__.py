@@ -2,7 +2,7 @@ from .archs import ARCHS, PUBLISHED, get_arch, supernet_rows
 from .backbones import AtomNAS
 from .blocks import AtomicBlock
 from .heads import DropoutLinearClsHead
-from .cost import atom_costs, atom_weights, count_flops_params
+from .cost import count_flops_params
 
 __all__ = ['ARCHS', 'PUBLISHED', 'get_arch', 'supernet_rows', 'AtomNAS',
-           'AtomicBlock', 'DropoutLinearClsHead', 'atom_costs', 'atom_weights', 'count_flops_params']
+           'AtomicBlock', 'DropoutLinearClsHead', 'count_flops_params']

@@ -1,12 +1,25 @@
-"""The atomic inverted-residual block in the fused layout (DESIGN.md).
+"""The atomic inverted-residual block and everything done to its atoms.
 
-One 1x1 expand conv to ``sum(hidden)`` channels, a depthwise conv per kernel
-size over its slice of those channels, optional squeeze-excite, one 1x1
-projection + BN, and the identity shortcut when shapes allow. One atom is one
-hidden channel of one kernel size.
+Fused layout (docs/method.md, "Block"): one 1x1 expand conv to
+``sum(hidden)`` channels, a depthwise conv per kernel size over its slice of
+those channels, optional squeeze-excite, one 1x1 projection + BN, and the
+identity shortcut when shapes allow. One *atom* is one hidden channel of one
+kernel size; atoms are numbered in concatenated hidden order (kernel groups
+in ``kernel_sizes`` order).
+
+The block owns its atom operations: their gammas (:meth:`gammas`), their
+kernel groups (:meth:`atom_groups`), their removal with the parameter
+remapping optimizer and EMA need (:meth:`remove_atoms`), its inference form
+(:meth:`deploy_form`) and the mapping from fused tensors to its state dict
+(:meth:`state_from_parts`). Adding a layer to the block means changing this
+module only.
 """
+import copy
+from typing import NamedTuple, Optional
+
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 from mmcv.cnn import ConvModule
 from mmengine.model import BaseModule
@@ -15,6 +28,27 @@ from mmengine.model import BaseModule
 def dw_key(kernel_size):
     """Name of the depthwise branch of a kernel size (stable across shrinks)."""
     return f'k{kernel_size}'
+
+
+class ParamChange(NamedTuple):
+    """What became of a parameter in a surgery: ``new`` is
+    ``old.index_select(dim, index)``, or None when it was removed."""
+
+    new: Optional[nn.Parameter]
+    dim: Optional[int] = None
+    index: Optional[torch.Tensor] = None
+
+
+REMOVED = ParamChange(None)
+
+
+def index_select_like(tensor, dim, index):
+    """``tensor.index_select(dim, index)`` keeping its memory format."""
+    out = tensor.index_select(dim, index.to(tensor.device))
+    if (tensor.dim() == 4 and not tensor.is_contiguous()
+            and tensor.is_contiguous(memory_format=torch.channels_last)):
+        out = out.contiguous(memory_format=torch.channels_last)
+    return out
 
 
 class AtomicBlock(BaseModule):
@@ -27,9 +61,10 @@ class AtomicBlock(BaseModule):
         kernel_sizes (list[int]): Odd kernel sizes of the branches.
         hidden (list[int]): Hidden channels per kernel size; 0 drops it.
         has_expand (bool): Whether the block has a 1x1 expand conv; without
-            it, ``sum(hidden)`` must equal ``in_channels``.
-        atom_cost (Tensor, optional): Penalty weight of each atom, in
-            concatenated hidden order. Defaults to ones.
+            it, ``sum(hidden)`` must equal ``in_channels`` and the block has
+            no searchable atoms.
+        atom_cost (Tensor, optional): Penalty weight of each atom, in atom
+            order. Defaults to ones.
         se_channels (int, optional): Squeeze channels of the SE module;
             None means no SE.
         conv_cfg, norm_cfg, act_cfg (dict): mmcv layer configs.
@@ -76,6 +111,7 @@ class AtomicBlock(BaseModule):
             # An emptied residual block: identity plus the folded constant.
             self.register_buffer('bias', torch.zeros(out_channels))
 
+    # -- atoms ------------------------------------------------------------------
     @property
     def kernel_sizes(self):
         """Kernel sizes of the live branches, in order."""
@@ -86,6 +122,160 @@ class AtomicBlock(BaseModule):
         """Hidden channels per live branch, in order."""
         return [m.conv.out_channels for m in self.dw.values()]
 
+    @property
+    def num_atoms(self):
+        """Number of atoms (hidden channels of all kernel sizes)."""
+        return sum(self.hidden)
+
+    @property
+    def searchable(self):
+        """Whether the block has atoms the search may remove.
+
+        The one definition used by the penalty, the costs and the surgery:
+        a block with an expand conv and at least one atom left.
+        """
+        return self.has_expand and self.num_atoms > 0
+
+    @property
+    def se_channels(self):
+        """Squeeze channels of the SE module, or None."""
+        return self.se.conv1.conv.out_channels if self.se is not None else None
+
+    def atom_groups(self):
+        """``[(kernel_size, width), ...]`` of the live kernel groups."""
+        return list(zip(self.kernel_sizes, self.hidden))
+
+    def gammas(self):
+        """Depthwise-BN scales of the atoms, in atom order (differentiable)."""
+        weights = [m.norm.weight for m in self.dw.values()]
+        if not weights:
+            return self.atom_cost.new_zeros(0)
+        return weights[0] if len(weights) == 1 else torch.cat(weights)
+
+    def _atom_outputs(self):
+        """Eval-mode output of each atom when its gamma is 0: ``act(beta)``."""
+        outs = []
+        for m in self.dw.values():
+            # A copy: mmcv activations work in place.
+            beta = m.norm.bias.detach().clone() if m.norm.bias is not None \
+                else m.conv.weight.new_zeros(m.conv.out_channels)
+            if m.with_activation:
+                beta = m.activate(beta.view(1, -1, 1, 1)).flatten()
+            outs.append(beta)
+        return torch.cat(outs)
+
+    def removal_error_bound(self, keep):
+        """Bound on the eval-output change :meth:`remove_atoms` makes.
+
+        Removed atoms output the constant ``a = act(beta)``. Without SE the
+        constant is folded exactly (bound 0). With SE its squeeze part is
+        folded too, but the gated part ``a * gate(x)`` depends on the input:
+        the projection input may change by up to ``sum |W_proj[:, c] * a_c|``
+        over the removed atoms (per output channel; the maximum is returned).
+
+        Args:
+            keep (Tensor): Indices of the surviving atoms.
+
+        Returns:
+            float: 0.0 when exact.
+        """
+        if self.se is None or self.project is None:
+            return 0.0
+        removed = self._removed_mask(keep)
+        if not removed.any():
+            return 0.0
+        const = self._atom_outputs()[removed].abs()
+        weight = self.project.conv.weight.detach().flatten(1)[:, removed].abs()
+        return float((weight @ const).max())
+
+    def _removed_mask(self, keep):
+        mask = torch.ones(self.num_atoms, dtype=torch.bool)
+        mask[torch.as_tensor(keep, dtype=torch.long).cpu()] = False
+        return mask
+
+    def check_keep(self, keep):
+        """Validate surviving atom indices; return them as a sorted LongTensor.
+
+        Raises:
+            ValueError: Unsorted, repeated or out-of-range indices, or no atom
+                left in a block without residual.
+        """
+        keep = torch.as_tensor(keep, dtype=torch.long).flatten().cpu()
+        if len(keep) and (keep.min() < 0 or keep.max() >= self.num_atoms
+                          or (keep[1:] <= keep[:-1]).any()):
+            raise ValueError(f'keep: atom indices must be sorted, unique and '
+                             f'in [0, {self.num_atoms}), got {keep.tolist()}')
+        if not len(keep) and not self.use_res:
+            raise ValueError('keep: a block without residual must keep an '
+                             'atom')
+        return keep
+
+    def remove_atoms(self, keep, fold=True):
+        """Remove the atoms not in ``keep``, in place.
+
+        Args:
+            keep (Tensor): Sorted indices of the surviving atoms.
+            fold (bool): Fold the removed atoms' constant output (eval mode,
+                gamma ~ 0) into the projection BN's running mean (or the
+                identity bias of an emptied block), so eval outputs do not
+                change. In SE blocks only the squeeze part is folded (into
+                the squeeze conv's bias); see :meth:`removal_error_bound`.
+
+        Returns:
+            dict[Parameter, ParamChange]: The parameter remapping for the
+            optimizer and the EMA copy.
+        """
+        keep = self.check_keep(keep)
+        removed = self._removed_mask(keep)
+        remap = {}
+        if fold and removed.any():
+            const = self._atom_outputs() * removed.to(self.atom_cost.dtype)
+            if self.se is None:
+                project_shift = \
+                    self.project.conv.weight.detach().flatten(1) @ const
+            else:  # the gated part depends on the input: not folded
+                squeeze = self.se.conv1.conv
+                squeeze.bias.data += squeeze.weight.detach().flatten(1) @ const
+                project_shift = const.new_zeros(self.out_channels)
+        if not len(keep):
+            norm = self.project.norm
+            bias = torch.zeros_like(norm.running_mean)
+            if fold and removed.any():
+                bias = (project_shift - norm.running_mean) / torch.sqrt(
+                    norm.running_var + norm.eps) * norm.weight.detach() + \
+                    norm.bias.detach()
+            for p in self.parameters():
+                remap[p] = REMOVED
+            self.expand = self.se = self.project = None
+            self.dw = nn.ModuleDict()
+            self.atom_cost = self.atom_cost[:0]
+            self.register_buffer('bias', bias.to(self.atom_cost))
+            return remap
+
+        keep = keep.to(self.atom_cost.device)
+        if self.expand is not None:
+            _slice_conv_module(self.expand, keep, remap, dim=0)
+        offset = 0
+        for k, h in self.atom_groups():
+            local = keep[(keep >= offset) & (keep < offset + h)] - offset
+            if len(local):
+                _slice_conv_module(self.dw[dw_key(k)], local, remap, dim=0)
+            else:
+                for p in self.dw[dw_key(k)].parameters():
+                    remap[p] = REMOVED
+                del self.dw[dw_key(k)]
+            offset += h
+        if self.se is not None:
+            _slice_conv_module(self.se.conv1, keep, remap, dim=1)
+            _slice_conv_module(self.se.conv2, keep, remap, dim=0)
+        _slice_conv_module(self.project, keep, remap, dim=1)
+        if fold and removed.any():
+            self.project.norm.running_mean -= project_shift.to(
+                self.project.norm.running_mean)
+        self.atom_cost = self.atom_cost.index_select(0, keep)
+        return remap
+
+    # -- forward ----------------------------------------------------------------
     def _residual_branch(self, x):
         if self.expand is not None:
             x = self.expand(x)
@@ -107,3 +297,183 @@ class AtomicBlock(BaseModule):
         else:
             out = self._residual_branch(x)
         return x + out if self.use_res else out
+
+    # -- other forms --------------------------------------------------------------
+    def deploy_form(self):
+        """The inference form of this block, whose BNs must already be folded
+        into the convs (``mmcv.cnn.fuse_conv_bn``): one merged depthwise conv.
+
+        Returns:
+            DeployedAtomicBlock: Shares the SE module with this block.
+        """
+        if self.project is None:
+            return DeployedAtomicBlock(None, None, None, None, None, True,
+                                       bias=self.bias)
+        branches = list(self.dw.values())
+        acts = {type(b.activate) if b.with_activation else None
+                for b in branches}
+        if len(acts) != 1:
+            raise ValueError('deploy: kernel branches with different '
+                             'activations')
+        dw = merge_depthwise([b.conv for b in branches])
+        act = copy.deepcopy(branches[0].activate) \
+            if branches[0].with_activation else nn.Identity()
+        expand = _conv_act(self.expand) if self.expand is not None else None
+        return DeployedAtomicBlock(expand, dw, act, self.se,
+                                   _conv_act(self.project), self.use_res)
+
+    def state_from_parts(self, dw, project_bn, expand=None, project=None,
+                         se=None):
+        """This block's state dict (relative keys) from fused tensors.
+
+        Args:
+            dw (list[tuple[Tensor, dict]]): Per kernel group, in order, the
+                depthwise weight ``(h, 1, k, k)`` and its BN tensors.
+            project_bn (dict): Projection BN tensors (``weight``, ``bias``,
+                ``running_mean``, ``running_var``).
+            expand (tuple[Tensor, dict], optional): Expand weight and BN.
+            project (Tensor, optional): Projection weight (None when the block
+                has no atoms left: its BN's response to 0 becomes ``bias``).
+            se (list[Tensor], optional): Squeeze weight, bias, excite weight,
+                bias.
+
+        Returns:
+            dict[str, Tensor]
+        """
+        out = {}
+
+        def put(prefix, cm, weight, bn):
+            out[f'{prefix}.conv.weight'] = weight
+            for key, value in bn.items():
+                out[f'{prefix}.{cm.norm_name}.{key}'] = value
+
+        if project is None:
+            eps = 1e-3 if self.project is None else self.project.norm.eps
+            scale = project_bn['weight'] / torch.sqrt(
+                project_bn['running_var'] + eps)
+            out['bias'] = project_bn['bias'] - project_bn['running_mean'] * scale
+            return out
+        if expand is not None:
+            put('expand', self.expand, *expand)
+        for weight, bn in dw:
+            key = dw_key(weight.shape[-1])
+            put(f'dw.{key}', self.dw[key], weight, bn)
+        if se is not None:
+            for key, value in zip(('conv1.conv.weight', 'conv1.conv.bias',
+                                   'conv2.conv.weight', 'conv2.conv.bias'), se):
+                out[f'se.{key}'] = value
+        put('project', self.project, project, project_bn)
+        return out
+
+
+def _slice_param(module, name, dim, index, remap):
+    old = module._parameters[name]
+    new = nn.Parameter(index_select_like(old.detach(), dim, index),
+                       requires_grad=old.requires_grad)
+    module._parameters[name] = new
+    remap[old] = ParamChange(new, dim, index)
+
+
+def _slice_norm(norm, index, remap):
+    for name in ('weight', 'bias'):
+        if norm._parameters.get(name) is not None:
+            _slice_param(norm, name, 0, index, remap)
+    for name in ('running_mean', 'running_var'):
+        if norm._buffers.get(name) is not None:
+            norm._buffers[name] = norm._buffers[name].index_select(0, index)
+    norm.num_features = len(index)
+
+
+def _slice_conv_module(cm, index, remap, dim):
+    """Slice a ConvModule on its output (dim 0, with its norm) or input (1)."""
+    conv = cm.conv
+    _slice_param(conv, 'weight', dim, index, remap)
+    if dim == 0:
+        if conv.bias is not None:
+            _slice_param(conv, 'bias', 0, index, remap)
+        if conv.groups > 1:  # depthwise
+            conv.in_channels = conv.groups = len(index)
+            cm.in_channels = len(index)
+        conv.out_channels = cm.out_channels = len(index)
+        if cm.with_norm:
+            _slice_norm(cm.norm, index, remap)
+    else:
+        conv.in_channels = cm.in_channels = len(index)
+
+
+class DeployedAtomicBlock(nn.Module):
+    """An :class:`AtomicBlock` with folded BNs and merged kernel groups.
+
+    Args:
+        expand (nn.Module | None): Folded expand conv (+ activation).
+        dw (nn.Conv2d | None): The merged depthwise conv (with bias).
+        dw_act (nn.Module): Activation after the depthwise conv.
+        se (nn.Module | None): Squeeze-excite module, unchanged.
+        project (nn.Conv2d | None): Folded projection conv (with bias).
+        use_res (bool): Identity shortcut.
+        bias (Tensor | None): Constant of an emptied residual block.
+    """
+
+    def __init__(self, expand, dw, dw_act, se, project, use_res, bias=None):
+        super().__init__()
+        self.expand, self.dw, self.dw_act = expand, dw, dw_act
+        self.se, self.project, self.use_res = se, project, use_res
+        if bias is not None:
+            self.register_buffer('bias', bias.clone())
+        else:
+            self.bias = None
+
+    def forward(self, x):
+        if self.project is None:
+            return x + self.bias.view(1, -1, 1, 1)
+        out = x if self.expand is None else self.expand(x)
+        out = self.dw_act(self.dw(out))
+        if self.se is not None:
+            out = self.se(out)
+        out = self.project(out)
+        return x + out if self.use_res else out
+
+
+def _conv_act(cm):
+    """A BN-folded ConvModule as ``Sequential(conv, act)`` (or the conv)."""
+    if tuple(cm.order) != ('conv', 'norm', 'act'):
+        raise ValueError(f'deploy: ConvModule order {cm.order} is not '
+                         "('conv', 'norm', 'act')")
+    if cm.with_activation:
+        return nn.Sequential(cm.conv, cm.activate)
+    return cm.conv
+
+
+def merge_depthwise(convs):
+    """One depthwise conv equal to ``cat([conv(chunk) for ...])``.
+
+    A ``k x k`` filter with padding ``k // 2`` equals the ``K x K`` filter
+    holding it in its centre with padding ``K // 2``, for any stride.
+
+    Args:
+        convs (list[nn.Conv2d]): Depthwise convs (groups == channels), same
+            stride, odd kernel sizes, padding ``k // 2``, in channel order.
+
+    Returns:
+        nn.Conv2d: Depthwise conv of the largest kernel size, with bias.
+    """
+    size = max(c.kernel_size[0] for c in convs)
+    channels = sum(c.out_channels for c in convs)
+    ref = convs[0]
+    weights, biases = [], []
+    for c in convs:
+        k = c.kernel_size[0]
+        if (c.groups != c.in_channels or c.groups != c.out_channels
+                or c.kernel_size != (k, k) or c.padding != (k // 2, k // 2)
+                or c.stride != ref.stride or c.dilation != (1, 1)):
+            raise ValueError(f'deploy: cannot merge {c}')
+        pad = (size - k) // 2
+        weights.append(F.pad(c.weight.detach(), [pad] * 4))
+        biases.append(c.bias.detach() if c.bias is not None else
+                      c.weight.new_zeros(c.out_channels))
+    merged = nn.Conv2d(channels, channels, size, ref.stride, size // 2,
+                       groups=channels, bias=True).to(ref.weight)
+    with torch.no_grad():
+        merged.weight.copy_(torch.cat(weights))
+        merged.bias.copy_(torch.cat(biases))
+    return merged

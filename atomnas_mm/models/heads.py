@@ -1,4 +1,4 @@
-"""Classification head with dropout before the FC (ATOMNAS.md sections 2-3)."""
+"""Classification head with dropout before the FC (docs/method.md, "Recipe")."""
 import torch.nn as nn
 from mmpretrain.models.heads import LinearClsHead
 

@@ -1,10 +1,14 @@
-from .penalty import (bn_l1_penalty, decayed_params, penalised_atoms, rho_at,
-                      weight_decay_loss)
-from .shrink import (apply_plan, find_backbones, plan_shrink, removed_flops,
-                     reshape_to_arch, shrink_block, shrink_model,
+from .costs import FLOPsCost, ParamsCost, penalty_weights
+from .penalty import bn_l1_penalty, decayed_params, weight_decay_loss
+from .policy import LinearRampSchedule, MinCostTrigger, ThresholdCriterion
+from .shrink import (apply_plan, atom_costs, atom_strengths, find_backbones,
+                     plan_from_strengths, plan_shrink, removed_cost,
+                     reshape_to_arch, searchable_blocks, shrink_model,
                      shrink_optimizer)
 
-__all__ = ['apply_plan', 'bn_l1_penalty', 'decayed_params', 'find_backbones',
-           'penalised_atoms', 'plan_shrink', 'removed_flops', 'reshape_to_arch',
-           'rho_at', 'shrink_block', 'shrink_model', 'shrink_optimizer',
-           'weight_decay_loss']
+__all__ = ['FLOPsCost', 'LinearRampSchedule', 'MinCostTrigger', 'ParamsCost',
+           'ThresholdCriterion', 'apply_plan', 'atom_costs', 'atom_strengths',
+           'bn_l1_penalty', 'decayed_params', 'find_backbones',
+           'penalty_weights', 'plan_from_strengths', 'plan_shrink',
+           'removed_cost', 'reshape_to_arch', 'searchable_blocks',
+           'shrink_model', 'shrink_optimizer', 'weight_decay_loss']

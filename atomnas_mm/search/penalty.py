@@ -1,4 +1,4 @@
-"""Loss terms of the AtomNAS search (ATOMNAS.md sections 4 and 6).
+"""Loss terms of the AtomNAS search (docs/method.md, "Penalty").
 
 Pure functions of a model; the hook that adds them to the loss lives in
 ``atomnas_mm.engine.hooks.penalty_hook``.
@@ -16,25 +16,18 @@ def _unwrap(model):
 
 
 def penalised_atoms(model):
-    """Gammas and cost weights of every penalised atom in ``model``.
-
-    Penalised are the depthwise BN gammas of every searchable block (those
-    with an expand conv) of every AtomNAS backbone in ``model``.
+    """Gammas and penalty weights of every searchable block in ``model``.
 
     Args:
         model (nn.Module): A model, possibly wrapped (DDP).
 
     Returns:
-        tuple[list[Tensor], list[Tensor]]: Per block, the gammas concatenated
-        in hidden order and the matching ``atom_cost`` buffer.
+        tuple[list[Tensor], list[Tensor]]: Per block, the gammas in atom
+        order and the matching ``atom_cost`` buffer.
     """
-    gammas, costs = [], []
-    for m in _unwrap(model).modules():
-        if isinstance(m, AtomicBlock) and m.has_expand and len(m.dw):
-            ws = [branch.norm.weight for branch in m.dw.values()]
-            gammas.append(ws[0] if len(ws) == 1 else torch.cat(ws))
-            costs.append(m.atom_cost)
-    return gammas, costs
+    blocks = [m for m in _unwrap(model).modules()
+              if isinstance(m, AtomicBlock) and m.searchable]
+    return [b.gammas() for b in blocks], [b.atom_cost for b in blocks]
 
 
 def bn_l1_penalty(model):
@@ -86,22 +79,6 @@ def weight_decay_loss(model, weight_decay):
     # (p * p).sum() beats dot/pow (forward + backward) on CPU and GPU.
     squares = torch.stack([(p * p).sum() for p in params])
     return 0.5 * weight_decay * squares.sum()
-
-
-def rho_at(iteration, rho, warmup_iters):
-    """Penalty strength at an iteration: linear ramp from 0 to ``rho``.
-
-    Args:
-        iteration (int): 0-based training iteration.
-        rho (float): Final strength.
-        warmup_iters (int): Length of the ramp; 0 means none.
-
-    Returns:
-        float: ``rho * min(1, iteration / warmup_iters)``.
-    """
-    if warmup_iters <= 0:
-        return float(rho)
-    return float(rho) * min(1.0, iteration / warmup_iters)
 
 
 def _zero(model):

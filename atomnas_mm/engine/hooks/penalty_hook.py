@@ -1,64 +1,79 @@
 """Hook adding the resource-aware BN-L1 penalty to the training loss."""
 from mmengine.hooks import Hook
-from mmengine.optim import OptimWrapperDict
+from mmengine.optim import OptimWrapper
 
 from ...registry import HOOKS
-from ...search.penalty import bn_l1_penalty, rho_at, weight_decay_loss
+from ...search.penalty import bn_l1_penalty, penalised_atoms, weight_decay_loss
+from ...search.policy import LinearRampSchedule, build_part, check_number
 
 
 @HOOKS.register_module()
 class BNL1PenaltyHook(Hook):
     """Add ``rho(t) * sum_atoms p * |gamma|`` (and optionally weight decay)
-    to the loss before backward (ATOMNAS.md sections 4 and 6).
+    to the loss before backward (docs/method.md, "Penalty").
 
     mmengine has no after-backward hook, so at ``before_train`` this hook
     wraps ``runner.optim_wrapper.update_params``; the wrapper adds the terms
     to the loss it is given and calls the original, which then scales the
-    sum for gradient accumulation and AMP exactly like the task loss. The
-    penalty is computed on the local (DDP-wrapped) parameters, so DDP
-    averages its gradient like any other. ``rho(t)`` ramps linearly from 0
-    per iteration and is derived from ``runner.iter``: resuming needs no
-    state. Logs ``train/bn_l1`` (unweighted), ``train/loss_bn_l1``
-    (weighted), ``train/rho`` and, with weight decay, ``train/loss_wd``.
+    sum for gradient accumulation and AMP exactly like the task loss. DDP
+    averages the penalty's gradient like any other. ``rho(t)`` comes from the
+    *schedule* (default: a linear ramp from 0 over ``warmup_epochs``),
+    evaluated at ``runner.iter``: resuming needs no state.
+
+    Logged (``train/`` prefix): ``loss_total`` (what is back-propagated: the
+    model's ``loss`` plus the terms below), ``loss_penalty`` (``rho(t) *
+    penalty_l1``), ``loss_wd`` (with weight decay); and, as current values,
+    ``penalty_rho`` (``rho(t)``) and ``penalty_l1`` (``sum p*|gamma|``).
 
     Args:
-        rho (float): Final penalty strength (A 1.8e-4, B 1.2e-4, C 1e-4).
+        rho (float): Final penalty strength (A 1.8e-4, B 1.2e-4, C 1e-4);
+            0 means weight decay only (retraining).
         warmup_epochs (float): Ramp length in epochs of
-            ``len(runner.train_dataloader)`` iterations, for epoch- and
-            iteration-based loops; 0 disables the ramp.
+            ``len(runner.train_dataloader)`` iterations.
         warmup_iters (int, optional): Ramp length in iterations; overrides
             ``warmup_epochs``.
         weight_decay (float): If > 0, add ``0.5 * wd * sum(w^2)`` over conv
-            and FC weights and FC biases, so the optimizer can keep
-            ``weight_decay=0`` and a single param group.
+            and FC weights and FC biases (the reference's decay; the
+            optimizer can keep ``weight_decay=0``).
+        schedule (dict, optional): A penalty-schedule part replacing the
+            ramp (``rho``/``warmup_*`` must then be left unset).
     """
 
     priority = 'NORMAL'
 
-    def __init__(self, rho, warmup_epochs=25, warmup_iters=None,
-                 weight_decay=0.0):
-        for name, value in dict(rho=rho, warmup_epochs=warmup_epochs,
-                                weight_decay=weight_decay).items():
-            if value < 0:
-                raise ValueError(f'{name}: must be >= 0, got {value}')
-        if warmup_iters is not None and warmup_iters < 0:
-            raise ValueError(f'warmup_iters: must be >= 0, got {warmup_iters}')
+    def __init__(self, rho=None, warmup_epochs=25, warmup_iters=None,
+                 weight_decay=0.0, schedule=None):
+        if (rho is None) == (schedule is None):
+            raise ValueError('rho: give rho (linear ramp) or schedule, '
+                             'exactly one')
+        if rho is not None:
+            check_number('rho', rho)
+        check_number('warmup_epochs', warmup_epochs)
+        if warmup_iters is not None:
+            check_number('warmup_iters', warmup_iters, integer=True)
         self.rho = rho
         self.warmup_epochs = warmup_epochs
         self.warmup_iters = warmup_iters
-        self.weight_decay = weight_decay
+        self.weight_decay = check_number('weight_decay', weight_decay)
+        self.schedule = build_part(schedule, None, 'schedule')
         self._wrapped = None
 
     def before_train(self, runner):
         optim_wrapper = runner.optim_wrapper
-        if isinstance(optim_wrapper, OptimWrapperDict):
+        if not isinstance(optim_wrapper, OptimWrapper):
             raise TypeError('BNL1PenaltyHook needs a single OptimWrapper, got '
-                            'an OptimWrapperDict')
+                            f'{type(optim_wrapper).__name__}')
+        if self.rho != 0 and not penalised_atoms(runner.model)[0]:
+            raise ValueError('BNL1PenaltyHook: the model has no searchable '
+                             'AtomNAS block, the penalty would be 0')
         own = vars(optim_wrapper).get('update_params')
         original = optim_wrapper.update_params
 
         def update_params(loss, *args, **kwargs):
-            return original(loss + self.extra_loss(runner), *args, **kwargs)
+            total = loss + self.extra_loss(runner)
+            runner.message_hub.update_scalar('train/loss_total',
+                                             total.detach())
+            return original(total, *args, **kwargs)
 
         optim_wrapper.update_params = update_params
         self._wrapped = (optim_wrapper, own)
@@ -73,29 +88,29 @@ class BNL1PenaltyHook(Hook):
             optim_wrapper.update_params = own
         self._wrapped = None
 
-    def ramp_iters(self, runner):
-        """Length of the rho ramp in iterations."""
-        if self.warmup_iters is not None:
-            return self.warmup_iters
-        return round(self.warmup_epochs * len(runner.train_dataloader))
+    def schedule_of(self, runner):
+        """The penalty schedule: the configured part, or the ramp."""
+        if self.schedule is not None:
+            return self.schedule
+        ramp = self.warmup_iters if self.warmup_iters is not None else \
+            round(self.warmup_epochs * len(runner.train_dataloader))
+        return LinearRampSchedule(self.rho, ramp)
 
     def extra_loss(self, runner):
         """The terms to add to the loss at the current iteration; logs them.
-
-        Args:
-            runner (Runner): The runner.
 
         Returns:
             Tensor | float: A differentiable scalar (0.0 when both terms
             are off).
         """
-        rho = rho_at(runner.iter, self.rho, self.ramp_iters(runner))
-        scalars = dict(rho=rho)
+        rho = self.schedule_of(runner)(runner.iter)
+        scalars = dict(penalty_rho=rho)
         loss = 0.0
-        if self.rho > 0:  # rho=0: weight decay only (retraining)
+        if self.rho != 0:  # rho=0: weight decay only (retraining)
             penalty = bn_l1_penalty(runner.model)
             loss = rho * penalty
-            scalars.update(bn_l1=penalty.detach(), loss_bn_l1=loss.detach())
+            scalars.update(penalty_l1=penalty.detach(),
+                           loss_penalty=loss.detach())
         if self.weight_decay > 0:
             wd = weight_decay_loss(runner.model, self.weight_decay)
             loss = loss + wd

@@ -7,12 +7,17 @@ from mmengine.dist import broadcast_object_list, is_main_process
 from mmengine.hooks import Hook
 from mmengine.hooks.ema_hook import EMAHook
 from mmengine.model import is_model_wrapper
+from mmengine.optim import OptimWrapper, OptimWrapperDict
+from mmengine.runner import EpochBasedTrainLoop
 
-from ...models.cost import count_flops_params
 from ...registry import HOOKS
+from ...search.costs import FLOPsCost, ParamsCost
+from ...search.policy import (MinCostTrigger, ThresholdCriterion, build_part,
+                              check_number)
+from ...search.shrink import (apply_plan, atom_strengths, check_optimizer,
+                              find_backbones, plan_from_strengths,
+                              removed_cost, reshape_to_arch, shrink_optimizer)
 from ...visualization import draw_arch, draw_flops_curve, save_image
-from ...search.shrink import (apply_plan, find_backbones, plan_shrink,
-                              removed_flops, reshape_to_arch, shrink_optimizer)
 
 
 def current_archs(model):
@@ -20,46 +25,68 @@ def current_archs(model):
     return {path: m.arch_dict() for path, m in find_backbones(model).items()}
 
 
+def backbone_cost(model, cost):
+    """Total ``cost`` of the AtomNAS backbones of ``model`` (the task model
+    itself is not run)."""
+    return sum(cost.total(m) for m in find_backbones(model).values())
+
+
 @HOOKS.register_module()
 class AtomShrinkHook(Hook):
-    """Dynamic network shrinkage (ATOMNAS.md section 5) inside the Runner.
+    """Dynamic network shrinkage (docs/method.md, "Shrinking") in the Runner.
 
-    After every ``interval`` epochs (or iterations) an atom is dead when its
-    depthwise-BN ``|gamma| <= threshold`` in the live AND the EMA weights;
-    when the dead atoms account for ``min_removed_flops`` multiply-adds, they
-    are removed from the model, the optimizer state, the EMA copy and the DDP
-    wrapper. At the end of training the EMA weights alone decide and any dead
-    atom is removed. Every checkpoint carries the architecture in
-    ``meta['atomnas_arch']``; loading one (resume, ``load_from``, test) first
-    reshapes the model to it.
+    After every ``interval`` epochs (or iterations) the *criterion* marks
+    dead atoms (default: ``|gamma| <= threshold`` in the live AND the EMA
+    weights); when the *trigger* agrees (default: they weigh
+    ``min_removed_flops`` multiply-adds by the *cost* model), they are
+    removed from the model, the optimizer state, the EMA copy and the DDP
+    wrapper. At the end of training the EMA weights alone decide. The
+    decision is taken on rank 0 and broadcast. Every checkpoint carries the
+    architecture in ``meta['atomnas_arch']``; loading one (resume,
+    ``load_from``, test) first reshapes the model, EMA and optimizer to it.
 
     Args:
-        threshold (float): Dead-atom threshold on ``|gamma|``.
-        min_removed_flops (float): Multiply-adds (batch 1 at ``input_size``)
-            the dead atoms must reach to trigger a shrink.
+        threshold (float): Threshold of the default criterion (1e-3).
+        min_removed_flops (float): Minimum of the default trigger (1e6).
         interval (int): Check every ``interval`` epochs or iterations.
-        by_epoch (bool): Count ``interval`` in epochs (else iterations).
-        input_size (int): Image side for FLOPs accounting.
-        final_shrink (bool): Shrink on the EMA weights after the last
-            epoch/iteration.
+        by_epoch (bool): Count ``interval`` in epochs (needs an epoch-based
+            loop) or in iterations.
+        input_size (int): Image side of the default FLOPs cost model.
+        final_shrink (bool): Shrink on the EMA weights after training.
+        criterion (dict, optional): A criterion part (replaces threshold).
+        trigger (dict, optional): A trigger part (replaces
+            min_removed_flops).
+        cost (dict, optional): The cost model of the trigger and the logs
+            (replaces ``FLOPsCost(input_size)``).
     """
 
     # Before EMAHook (ABOVE_NORMAL in mmpretrain configs), so that
-    # after_load_checkpoint reshapes the EMA copy
-    # before EMAHook loads into it.
+    # after_load_checkpoint reshapes the EMA copy before EMAHook loads it.
     priority = 'HIGH'
 
-    def __init__(self, threshold=1e-3, min_removed_flops=1e6, interval=1,
-                 by_epoch=True, input_size=224, final_shrink=True):
-        if threshold < 0:
-            raise ValueError(f'threshold must be >= 0, got {threshold}')
-        if interval < 1:
-            raise ValueError(f'interval must be >= 1, got {interval}')
-        self.threshold = threshold
-        self.min_removed_flops = min_removed_flops
-        self.interval = interval
+    def __init__(self, threshold=None, min_removed_flops=None, interval=1,
+                 by_epoch=True, input_size=224, final_shrink=True,
+                 criterion=None, trigger=None, cost=None):
+        for name, given, part in (('threshold', threshold, criterion),
+                                  ('min_removed_flops', min_removed_flops,
+                                   trigger)):
+            if given is not None and part is not None:
+                raise ValueError(f'{name}: give it or the policy part that '
+                                 'replaces it, not both')
+        self.criterion = build_part(
+            criterion, ThresholdCriterion(
+                1e-3 if threshold is None else threshold), 'criterion')
+        self.trigger = build_part(
+            trigger, MinCostTrigger(
+                1e6 if min_removed_flops is None else min_removed_flops),
+            'trigger')
+        self.cost = build_part(cost, FLOPsCost(input_size), 'cost')
+        self.interval = check_number('interval', interval, 1, integer=True)
+        for name, value in (('by_epoch', by_epoch),
+                            ('final_shrink', final_shrink)):
+            if not isinstance(value, bool):
+                raise ValueError(f'{name}: must be a bool, got {value!r}')
         self.by_epoch = by_epoch
-        self.input_size = input_size
         self.final_shrink = final_shrink
         self.history = []
 
@@ -67,64 +94,95 @@ class AtomShrinkHook(Hook):
     def before_train(self, runner):
         model = self._model(runner)
         if not find_backbones(model):
-            raise ValueError('AtomShrinkHook: the model has no AtomNAS backbone')
-        self._record(runner, removed=None)
+            raise ValueError('AtomShrinkHook: the model has no AtomNAS '
+                             'backbone')
+        if self.by_epoch and not isinstance(runner.train_loop,
+                                            EpochBasedTrainLoop):
+            raise ValueError(
+                f'AtomShrinkHook: by_epoch=True needs an epoch-based train '
+                f'loop, got {type(runner.train_loop).__name__}; set '
+                'by_epoch=False (interval in iterations)')
+        optim_wrapper = runner.optim_wrapper
+        if not isinstance(optim_wrapper, OptimWrapper):
+            raise TypeError(
+                'AtomShrinkHook supports a single OptimWrapper, got '
+                f'{type(optim_wrapper).__name__}' + (
+                    ' (several optimizers)' if isinstance(
+                        optim_wrapper, OptimWrapperDict) else ''))
+        check_optimizer(optim_wrapper.optimizer, model)
+        if not self.history:  # a resumed run has its history already
+            self._record(runner, runner.epoch, runner.iter, removed=None)
 
     def after_train_epoch(self, runner):
         if self.by_epoch:
             last = self.is_last_train_epoch(runner)
             if last or self.every_n_epochs(runner, self.interval):
-                self.step(runner, final=last and self.final_shrink)
+                self.shrink_if_due(runner, runner.epoch + 1, runner.iter,
+                                   final=last and self.final_shrink)
 
     def after_train_iter(self, runner, batch_idx, data_batch=None,
                          outputs=None):
         if not self.by_epoch:
             last = self.is_last_train_iter(runner)
             if last or self.every_n_train_iters(runner, self.interval):
-                self.step(runner, final=last and self.final_shrink)
+                self.shrink_if_due(runner, runner.epoch, runner.iter + 1,
+                                   final=last and self.final_shrink)
 
     # -- the work -------------------------------------------------------------
-    def step(self, runner, final=False):
-        """Decide dead atoms (rank 0), shrink when worth it; return the plan."""
+    def decide(self, runner, final=False):
+        """The shrink plan (decided on rank 0, broadcast) and its cost."""
         model, ema = self._model(runner), self._ema_module(runner)
-        plan = [plan_shrink(model, self.threshold, ema,
-                            ema_only=final and ema is not None)]
+        plan = [None]
+        if is_main_process():
+            strengths = atom_strengths(model, self.criterion, ema,
+                                       final=final and ema is not None)
+            plan[0] = plan_from_strengths(model, strengths, self.criterion)
         broadcast_object_list(plan)
-        plan = plan[0]
-        flops = removed_flops(model, plan, self.input_size)
-        if not plan or (flops < self.min_removed_flops and not final):
+        return plan[0], removed_cost(model, plan[0], self.cost)
+
+    def shrink_if_due(self, runner, epoch, iteration, final=False):
+        """Decide dead atoms and shrink when the trigger agrees.
+
+        Args:
+            epoch (int): Epochs completed (for logs and history).
+            iteration (int): Iterations completed.
+            final (bool): The final shrink (EMA weights alone decide).
+
+        Returns:
+            dict: The applied plan (empty when nothing was removed).
+        """
+        plan, cost = self.decide(runner, final)
+        if not plan or not self.trigger(cost, final):
             return {}
-        blocks = dict(model.named_modules())
-        removed = {name: blocks[name].atom_cost.numel() - len(keep)
+        blocks = dict(self._model(runner).named_modules())
+        removed = {name: blocks[name].num_atoms - len(keep)
                    for name, keep in plan.items()}
-        self.shrink(runner, plan)
-        self._record(runner, removed=removed, removed_flops=flops)
+        self.apply(runner, plan)
+        self._record(runner, epoch, iteration, removed=removed,
+                     removed_cost=cost)
         return plan
 
-    def shrink(self, runner, plan, fold=True):
+    def apply(self, runner, plan, fold=True):
         """Apply ``plan`` to the model, EMA copy, optimizer and DDP wrapper."""
-        model = self._model(runner)
-        renamed = apply_plan(model, plan, fold=fold)
-        self._follow(runner, renamed,
-                     lambda ema: apply_plan(ema, plan, fold=fold))
+        remap = apply_plan(self._model(runner), plan, fold=fold)
+        self._update_holders(runner, remap,
+                             lambda ema: apply_plan(ema, plan, fold=fold))
 
-    def _follow(self, runner, renamed, on_ema):
-        """Make everything that holds the model's parameters follow a change."""
+    def _update_holders(self, runner, remap, change_ema):
+        """Make what holds the model's parameters follow a surgery: the EMA
+        copy (``change_ema`` applies the same surgery to it), the optimizer
+        (when built) and the DDP wrapper."""
         model = self._model(runner)
         ema_hook = self._ema_hook(runner)
         if ema_hook is not None and hasattr(ema_hook, 'ema_model'):
             averaged = ema_hook.ema_model
-            on_ema(averaged.module)
+            change_ema(averaged.module)
             averaged.avg_parameters = averaged.module.state_dict() \
                 if averaged.update_buffers else \
                 dict(averaged.module.named_parameters())
-        optim_wrapper = getattr(runner, 'optim_wrapper', None)
-        optimizer = getattr(optim_wrapper, 'optimizer', None)
-        if optimizer is not None:
-            shrink_optimizer(optimizer, model, renamed)
-        elif optim_wrapper is not None and not isinstance(optim_wrapper, dict):
-            raise TypeError('AtomShrinkHook supports a single OptimWrapper, '
-                            f'got {type(optim_wrapper).__name__}')
+        # In val/test mode runner.optim_wrapper is still the unbuilt config.
+        if isinstance(runner.optim_wrapper, OptimWrapper):
+            shrink_optimizer(runner.optim_wrapper.optimizer, model, remap)
         if is_model_wrapper(runner.model):
             # The DDP reducer is bound to the old parameters: re-wrap.
             runner.model = runner.wrap_model(
@@ -137,48 +195,47 @@ class AtomShrinkHook(Hook):
         meta['atomnas_history'] = self.history  # for flops.png after resume
 
     def after_load_checkpoint(self, runner, checkpoint):
-        archs = checkpoint.get('meta', {}).get('atomnas_arch')
+        meta = checkpoint.get('meta', {})
         if runner._resume:
-            self.history = list(checkpoint.get('meta', {}).get(
-                'atomnas_history', []))
+            self.history = list(meta.get('atomnas_history', []))
+        archs = meta.get('atomnas_arch')
         model = self._model(runner)
         if not archs or archs == current_archs(model):
             return
-        renamed = reshape_to_arch(model, archs)
-        self._follow(runner, renamed, lambda ema: reshape_to_arch(ema, archs))
+        remap = reshape_to_arch(model, archs)
+        self._update_holders(runner, remap,
+                             lambda ema: reshape_to_arch(ema, archs))
         runner.logger.info(f'AtomShrinkHook: model reshaped to the '
                            f'checkpoint architecture {archs}')
 
     # -- bookkeeping ----------------------------------------------------------
-    def _record(self, runner, removed, removed_flops=0.0):
+    def _record(self, runner, epoch, iteration, removed, removed_cost=0.0):
         model = self._model(runner)
-        channels = next(iter(find_backbones(model).values())).in_channels
-        flops, params = count_flops_params(
-            model, (1, channels, self.input_size, self.input_size))
+        flops = backbone_cost(model, self.cost)
+        params = backbone_cost(model, ParamsCost())
         archs = current_archs(model)
-        entry = dict(epoch=runner.epoch, iter=runner.iter, flops=flops,
-                     params=params, removed_atoms=removed,
-                     removed_flops=removed_flops)
-        self.history.append(entry)
-        runner.message_hub.update_scalar('train/arch_flops', flops)
-        runner.message_hub.update_scalar('train/arch_params', params)
+        self.history.append(dict(epoch=epoch, iter=iteration, flops=flops,
+                                 params=params, removed_atoms=removed,
+                                 removed_cost=removed_cost))
+        runner.message_hub.update_scalar('train/backbone_flops', flops)
+        runner.message_hub.update_scalar('train/backbone_params', params)
         if removed is not None:
             runner.logger.info(
                 f'AtomShrinkHook: removed {sum(removed.values())} atoms '
-                f'({removed_flops / 1e6:.2f}M MAdds) at epoch {runner.epoch}, '
-                f'iter {runner.iter}; now {flops / 1e6:.2f}M FLOPs, '
-                f'{params / 1e6:.3f}M params; per block {removed}; '
-                f'rows {archs}')
+                f'({removed_cost / 1e6:.3f}M by {type(self.cost).__name__}) '
+                f'after epoch {epoch}, iter {iteration}; backbone now '
+                f'{flops / 1e6:.3f}M, {params / 1e6:.3f}M params; per block '
+                f'{removed}; rows {archs}')
         if is_main_process():
             with open(osp.join(runner.work_dir, 'searched_arch.json'), 'w') as f:
                 json.dump(archs, f)
-            self._draw(runner, archs, flops)
+            self._draw(runner, archs, flops, epoch, iteration)
 
-    def _draw(self, runner, archs, flops):
+    def _draw(self, runner, archs, flops, epoch, iteration):
         """Architecture and FLOPs-curve PNGs to work_dir and vis backends."""
         images = {('arch' if len(archs) == 1 else f'arch_{path}'): draw_arch(
             arch, flops=flops,
-            title=f'{path} epoch {runner.epoch} iter {runner.iter}')
+            title=f'{path} after epoch {epoch}, iter {iteration}')
             for path, arch in archs.items()}
         images['flops'] = draw_flops_curve(self.history, x='iter')
         for name, img in images.items():

@@ -1,4 +1,4 @@
-"""TensorFlow-style RMSProp (ATOMNAS.md section 6)."""
+"""TensorFlow-style RMSProp (docs/method.md, "Recipe")."""
 import torch
 from torch.optim import Optimizer
 

@@ -1,54 +1,21 @@
 """AtomNAS backbone: the supernet and the searched nets, built from rows."""
 import copy
 
-import torch.nn as nn
+import torch
 from mmcv.cnn import ConvModule
 from mmengine.model import Sequential
 from mmpretrain.models.backbones.base_backbone import BaseBackbone
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ...registry import MODELS
-from ..archs import get_arch, supernet_rows
-from ..blocks import AtomicBlock
-from ..cost import atom_weights
+from ..archs import ARCH_KEYS, Row, get_arch, parse_arch, supernet_rows
+from ..blocks import AtomicBlock, dw_key
 
-ARCH_KEYS = {'rows', 'stem_channels', 'last_channels', 'act_cfg', 'se_ratio'}
+__all__ = ['ARCH_KEYS', 'AtomNAS']
 
 
-def check_rows(rows):
-    """Validate architecture rows; raise ValueError naming the bad field."""
-    if not isinstance(rows, (list, tuple)) or not rows:
-        raise ValueError(f'arch: rows must be a non-empty list, got {rows!r}')
-    for i, row in enumerate(rows):
-        if not isinstance(row, (list, tuple)) or len(row) != 6:
-            raise ValueError(
-                f'arch: row {i} must be [out_channels, repeats, stride, '
-                f'kernel_sizes, hidden_per_kernel, has_expand], got {row!r}')
-        out, repeats, stride, kernels, hidden, _ = row
-        if not (isinstance(out, int) and out > 0):
-            raise ValueError(f'arch: row {i} out_channels must be a positive '
-                             f'int, got {out!r}')
-        if not (isinstance(repeats, int) and repeats > 0):
-            raise ValueError(f'arch: row {i} repeats must be a positive int, '
-                             f'got {repeats!r}')
-        if stride not in (1, 2):
-            raise ValueError(f'arch: row {i} stride must be 1 or 2, got '
-                             f'{stride!r}')
-        if len(kernels) != len(hidden):
-            raise ValueError(
-                f'arch: row {i} kernel_sizes {list(kernels)} and '
-                f'hidden_per_kernel {list(hidden)} differ in length')
-        for k in kernels:
-            if not isinstance(k, int) or k <= 0 or k % 2 == 0:
-                raise ValueError(f'arch: row {i} kernel size {k!r} must be a '
-                                 'positive odd int')
-        if len(set(kernels)) != len(kernels):
-            raise ValueError(f'arch: row {i} kernel_sizes {list(kernels)} '
-                             'repeat a kernel size')
-        for h in hidden:
-            if not isinstance(h, int) or h < 0:
-                raise ValueError(f'arch: row {i} hidden width {h!r} must be '
-                                 'a non-negative int')
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @MODELS.register_module()
@@ -57,29 +24,39 @@ class AtomNAS(BaseBackbone):
 
     Args:
         arch (str | dict): A zoo name (``'supernet'``, ``'atomnas_a'``, ...,
-            ``'atomnas_c_plus'``) or a dict with ``rows`` in the published
-            format and optional ``stem_channels``, ``last_channels``.
-        stem_channels (int, optional): Stem width; defaults to the arch's.
-        last_channels (int, optional): Head 1x1 conv width; defaults to the
-            arch's or 1280.
-        in_channels (int): Input image channels (1 for grey images).
-        out_indices (Sequence[int], optional): Outputs: 0..6 (generally
-            ``0..num_stages - 1``) are the stages, ``num_stages`` is the head
-            conv. Defaults to the head conv, i.e. (7,) for the zoo archs.
+            ``'atomnas_c_plus'``) or an arch dict: ``rows`` in the published
+            format plus any of ``stem_channels`` (default 32),
+            ``last_channels`` (1280), ``in_channels`` (3), ``act_cfg``
+            (ReLU), ``se_ratio`` (None), ``stage_depths`` (one stage per run
+            of equal out_channels). :meth:`arch_dict` writes all of them.
+        stem_channels, last_channels, in_channels (int, optional): Override
+            the arch's values (``stem_channels`` with ``'supernet'``
+            rebuilds the supernet rows for that stem).
+        out_indices (Sequence[int], optional): Outputs: ``0..num_stages-1``
+            are the stages, ``num_stages`` is the head conv (default).
         frozen_stages (int): Freeze the stem (0) and stages up to this one;
             -1 freezes nothing.
         conv_cfg (dict, optional): Conv config.
         norm_cfg (dict): Norm config.
-        act_cfg (dict, optional): Activation; ReLU, or Swish for ``_plus``.
+        act_cfg (dict, optional): Activation; overrides the arch's.
         se_ratio (float, optional): SE squeeze ratio of the block input
-            channels; 0.5 for ``_plus``, else None.
+            channels; overrides the arch's.
         norm_eval (bool): Keep BN layers in eval mode during training.
         with_cp (bool): Gradient checkpointing in the blocks.
         init_cfg (dict | list[dict], optional): Initialization config.
+
+    Loading a state dict of a narrower net of the same search space (a
+    checkpoint taken during or after a search) first removes the atoms the
+    checkpoint does not have, keeping the first ``h`` of every kernel group,
+    so ``load_checkpoint``, ``get_model(pretrained=...)`` and
+    ``init_cfg=Pretrained`` work with the unedited search config. Do this
+    before an optimizer is built on the model (the Runner's AtomShrinkHook
+    handles resuming, where it also reshapes optimizer and EMA).
     """
 
     def __init__(self, arch='supernet', stem_channels=None, last_channels=None,
-                 in_channels=3, out_indices=None, frozen_stages=-1, conv_cfg=None,
+                 in_channels=None, out_indices=None, frozen_stages=-1,
+                 conv_cfg=None,
                  norm_cfg=dict(type='BN', momentum=0.01, eps=1e-3),
                  act_cfg=None, se_ratio=None, norm_eval=False, with_cp=False,
                  init_cfg=[dict(type='Kaiming', layer=['Conv2d']),
@@ -87,100 +64,148 @@ class AtomNAS(BaseBackbone):
                                 layer=['_BatchNorm', 'GroupNorm'])]):
         super().__init__(init_cfg)
         if isinstance(arch, str):
-            spec = get_arch(arch)
-            if arch == 'supernet' and stem_channels is not None:
-                spec['rows'] = supernet_rows(stem_channels)
-        elif isinstance(arch, dict) and 'rows' in arch:
-            unknown = set(arch) - ARCH_KEYS
-            if unknown:
-                raise ValueError(f'arch: unknown keys {sorted(unknown)}; '
-                                 f'allowed {sorted(ARCH_KEYS)}')
-            spec = copy.deepcopy(dict(arch))
-        else:
+            name, arch = arch, get_arch(arch)
+            if name == 'supernet' and stem_channels:
+                arch['rows'] = supernet_rows(stem_channels)
+        if not isinstance(arch, dict):
             raise ValueError(f'arch: expected a zoo name or a dict with '
                              f'"rows", got {arch!r}')
-        check_rows(spec['rows'])
-        self.stem_channels = stem_channels or spec.get('stem_channels', 32)
-        self.last_channels = last_channels or spec.get('last_channels', 1280)
-        act_cfg = act_cfg or spec.get('act_cfg', dict(type='ReLU'))
-        se_ratio = se_ratio if se_ratio is not None else spec.get('se_ratio')
-        self.act_cfg, self.se_ratio = copy.deepcopy(act_cfg), se_ratio
-        rows = self._expand_repeats(spec['rows'])
-        first = rows[0]
-        if not first[5] and sum(first[4]) != self.stem_channels:
-            raise ValueError(
-                f'stem_channels: {self.stem_channels} does not match the '
-                f'first block, which has no expand conv and hidden {first[4]}')
-
-        # Stages: consecutive blocks with the same output channels.
-        stage_of = []
-        for i, row in enumerate(rows):
-            new = i == 0 or row[0] != rows[i - 1][0]
-            stage_of.append((stage_of[-1] + 1 if stage_of else 0) if new
-                            else stage_of[-1])
-        self.num_stages = stage_of[-1] + 1
+        overrides = dict(stem_channels=stem_channels,
+                         last_channels=last_channels, in_channels=in_channels,
+                         act_cfg=act_cfg, se_ratio=se_ratio)
+        spec = parse_arch(dict(arch, **{k: v for k, v in overrides.items()
+                                        if v is not None}))
+        self.stem_channels = spec['stem_channels']
+        self.last_channels = spec['last_channels']
+        self.in_channels = spec['in_channels']
+        self.act_cfg = copy.deepcopy(spec['act_cfg'])
+        self.se_ratio = spec['se_ratio']
+        self.stage_depths = spec['stage_depths']
+        self.num_stages = len(self.stage_depths)
         if out_indices is None:
             out_indices = (self.num_stages, )
+        if not isinstance(out_indices, (list, tuple)):
+            raise ValueError(f'out_indices: must be a sequence of ints, got '
+                             f'{out_indices!r}')
         for index in out_indices:
-            if index not in range(0, self.num_stages + 1):
-                raise ValueError(f'out_indices: {index} must be in range(0, '
-                                 f'{self.num_stages + 1})')
-        if frozen_stages not in range(-1, self.num_stages + 1):
-            raise ValueError(f'frozen_stages: {frozen_stages} must be in '
-                             f'range(-1, {self.num_stages + 1})')
+            if not _is_int(index) or index not in range(self.num_stages + 1):
+                raise ValueError(f'out_indices: {index!r} must be in '
+                                 f'range(0, {self.num_stages + 1}) (an int)')
+        if not _is_int(frozen_stages) or frozen_stages not in range(
+                -1, self.num_stages + 1):
+            raise ValueError(f'frozen_stages: {frozen_stages!r} must be in '
+                             f'range(-1, {self.num_stages + 1}) (an int)')
         self.out_indices = tuple(out_indices)
         self.frozen_stages = frozen_stages
         self.norm_eval = norm_eval
 
-        cfg = dict(conv_cfg=conv_cfg, norm_cfg=norm_cfg, act_cfg=act_cfg)
-        self.in_channels = in_channels
-        self.conv1 = ConvModule(in_channels, self.stem_channels, 3, 2, 1, **cfg)
-        weights, _ = atom_weights(rows, self.stem_channels)
-        stages = [[] for _ in range(self.num_stages)]
+        cfg = dict(conv_cfg=conv_cfg, norm_cfg=norm_cfg, act_cfg=self.act_cfg)
+        self.conv1 = ConvModule(self.in_channels, self.stem_channels, 3, 2, 1,
+                                **cfg)
+        rows = iter(spec['rows'])
         in_ch = self.stem_channels
-        for row, stage, weight in zip(rows, stage_of, weights):
-            out, _, stride, kernels, hidden, has_expand = row
-            se = round(se_ratio * in_ch) if se_ratio else None
-            stages[stage].append(AtomicBlock(
-                in_ch, out, stride, kernels, hidden, has_expand,
-                atom_cost=weight, se_channels=se, with_cp=with_cp, **cfg))
-            in_ch = out
         self.layers = []
-        for i, blocks in enumerate(stages):
-            name = f'layer{i + 1}'
-            self.add_module(name, Sequential(*blocks))
-            self.layers.append(name)
+        for i, depth in enumerate(self.stage_depths):
+            blocks = []
+            for row in (next(rows) for _ in range(depth)):
+                se = round(self.se_ratio * in_ch) if self.se_ratio else None
+                blocks.append(AtomicBlock(
+                    in_ch, row.out_channels, row.stride, row.kernel_sizes,
+                    row.hidden, row.has_expand, se_channels=se,
+                    with_cp=with_cp, **cfg))
+                in_ch = row.out_channels
+            self.add_module(f'layer{i + 1}', Sequential(*blocks))
+            self.layers.append(f'layer{i + 1}')
         self.conv2 = ConvModule(in_ch, self.last_channels, 1, **cfg)
+        self._set_penalty_weights()
         self._freeze_stages()
 
-    @staticmethod
-    def _expand_repeats(rows):
-        blocks = []
-        for out, repeats, stride, kernels, hidden, has_expand in rows:
-            for i in range(repeats):
-                blocks.append([out, 1, stride if i == 0 else 1, list(kernels),
-                               list(hidden), bool(has_expand)])
-        return blocks
+    def _set_penalty_weights(self):
+        """``atom_cost`` = per-atom FLOPs at 224 px over their mean."""
+        from ...search.costs import FLOPsCost, penalty_weights
+        weights, _ = penalty_weights(self, FLOPsCost(224))
+        for block, weight in zip(self.blocks(), weights):
+            if weight is not None:
+                block.atom_cost.copy_(weight)
 
     def blocks(self):
         """All AtomicBlocks in forward order."""
         return [b for name in self.layers for b in getattr(self, name)]
 
+    def block_input_sizes(self, input_size):
+        """Input side of every block for an ``input_size`` image."""
+        from ...search.costs import out_size
+        size, sizes = out_size(input_size, 2), []
+        for block in self.blocks():
+            sizes.append(size)
+            size = out_size(size, block.stride)
+        return sizes
+
     def arch_rows(self):
-        """The current architecture as rows in the published format."""
-        return [[b.out_channels, 1, b.stride, b.kernel_sizes, b.hidden,
-                 b.has_expand] for b in self.blocks()]
+        """The current architecture as one-block rows (published format)."""
+        return [Row(b.out_channels, 1, b.stride, tuple(b.kernel_sizes),
+                    tuple(b.hidden), b.has_expand).to_list()
+                for b in self.blocks()]
 
     def arch_dict(self):
-        """The current architecture as an ``arch`` dict.
-
-        Holds rows, stem and head widths, activation and SE ratio, so that
-        ``AtomNAS(arch=m.arch_dict())`` rebuilds the same network.
-        """
+        """The complete current architecture as an ``arch`` dict, so that
+        ``AtomNAS(arch=m.arch_dict())`` rebuilds the same network."""
         return dict(rows=self.arch_rows(), stem_channels=self.stem_channels,
                     last_channels=self.last_channels,
+                    in_channels=self.in_channels,
                     act_cfg=copy.deepcopy(self.act_cfg),
-                    se_ratio=self.se_ratio)
+                    se_ratio=self.se_ratio,
+                    stage_depths=list(self.stage_depths))
+
+    def plan_to_arch(self, arch, where='backbone'):
+        """Kept atoms per block (names relative to this backbone) that turn
+        this net into ``arch``, keeping the first ``h`` atoms of every kernel.
+
+        Raises:
+            ValueError: When ``arch`` is not a narrower net of this one.
+        """
+        spec = parse_arch(arch)
+        for key in ('stem_channels', 'last_channels', 'in_channels'):
+            if key in arch and spec[key] != getattr(self, key):
+                raise ValueError(f'atomnas_arch: {where}.{key} is '
+                                 f'{spec[key]} in the checkpoint, '
+                                 f'{getattr(self, key)} in the model')
+        rows, blocks = spec['rows'], self.blocks()
+        if len(rows) != len(blocks):
+            raise ValueError(f'atomnas_arch: {where} has {len(blocks)} '
+                             f'blocks, the checkpoint {len(rows)}')
+        names = {id(m): n for n, m in self.named_modules()}
+        plan = {}
+        for i, (row, block) in enumerate(zip(rows, blocks)):
+            if (row.out_channels, row.stride, row.has_expand) != (
+                    block.out_channels, block.stride, block.has_expand):
+                raise ValueError(
+                    f'atomnas_arch: {where} block {i}: row {row.to_list()} '
+                    f'does not match the model block (out '
+                    f'{block.out_channels}, stride {block.stride}, expand '
+                    f'{block.has_expand})')
+            want = {k: h for k, h in zip(row.kernel_sizes, row.hidden) if h}
+            keep = self._keep_first(block, want, f'{where} block {i}')
+            if keep is not None:
+                plan[names[id(block)]] = keep
+        return plan
+
+    @staticmethod
+    def _keep_first(block, want, where):
+        """Indices keeping the first ``want[k]`` atoms of each kernel group;
+        None when the block already has exactly ``want``."""
+        have = dict(block.atom_groups())
+        for k, h in want.items():
+            if have.get(k, 0) < h:
+                raise ValueError(f'atomnas_arch: {where}: kernel {k} needs '
+                                 f'{h} atoms, the model has {have.get(k, 0)}')
+        if want == have:
+            return None
+        keep, offset = [], 0
+        for k, h in have.items():
+            keep.extend(range(offset, offset + want.get(k, 0)))
+            offset += h
+        return torch.tensor(keep, dtype=torch.long)
 
     def forward(self, x):
         x = self.conv1(x)
@@ -196,7 +221,9 @@ class AtomNAS(BaseBackbone):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata,
                               strict, missing_keys, unexpected_keys,
                               error_msgs):
-        """Refuse weights of another architecture instead of skipping them."""
+        """Narrow to the checkpoint's widths, then refuse any other
+        architecture instead of skipping its weights."""
+        self._reshape_to_state_dict(state_dict, prefix)
         ours = [k for k in state_dict if k.startswith(prefix)]
         if ours:
             own = {prefix + k: v.shape for k, v in self.state_dict().items()}
@@ -213,11 +240,37 @@ class AtomNAS(BaseBackbone):
                     'AtomNAS: the checkpoint holds another architecture than '
                     f'the model ({len(problems)} mismatches, e.g. '
                     f'{problems[:3]}). Build the backbone with the stored '
-                    "rows (checkpoint meta['atomnas_arch'], arch.json) or "
-                    'keep AtomShrinkHook in the config.')
+                    "rows (checkpoint meta['atomnas_arch'], arch.json).")
         super()._load_from_state_dict(state_dict, prefix, local_metadata,
                                       strict, missing_keys, unexpected_keys,
                                       error_msgs)
+
+    def _reshape_to_state_dict(self, state_dict, prefix):
+        """Remove the atoms a (narrower) state dict does not have."""
+        names = {id(m): n for n, m in self.named_modules()}
+        plan = {}
+        for block in self.blocks():
+            p = f'{prefix}{names[id(block)]}.'
+            if not any(k.startswith(p) for k in state_dict):
+                continue
+            want = {}
+            for k, _ in block.atom_groups():
+                weight = state_dict.get(f'{p}dw.{dw_key(k)}.conv.weight')
+                if weight is not None and weight.shape[0]:
+                    want[k] = int(weight.shape[0])
+            try:
+                keep = self._keep_first(block, want, names[id(block)])
+            except ValueError:
+                return  # wider than the model: reported as a mismatch
+            if keep is not None:
+                plan[block] = keep
+        try:
+            for block, keep in plan.items():
+                block.check_keep(keep)
+        except ValueError:
+            return  # not a narrowing: reported as a mismatch
+        for block, keep in plan.items():
+            block.remove_atoms(keep, fold=False)
 
     def _freeze_stages(self):
         if self.frozen_stages >= 0:

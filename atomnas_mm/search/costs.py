@@ -1,0 +1,114 @@
+"""Cost models: what an atom costs, and what a backbone costs in total.
+
+One definition of a searchable atom (:attr:`AtomicBlock.searchable`) and of
+its cost, used by the penalty weights, the shrink trigger, the logs and the
+budget. A cost model is a small registered part (registry
+``atomnas_mm.registry.SEARCH``) with two methods:
+
+* ``atom_costs(backbone)``: per block, a Tensor with one cost per atom (None
+  for blocks that are not searchable);
+* ``total(backbone)``: the backbone's cost now.
+
+Counting convention (docs/method.md, "Counting"): FLOPs are multiply-adds of
+every Conv2d and Linear plus ``C*H*W`` for every global average pooling;
+params are Conv2d and Linear weights and biases. BN, activations and
+additions are free.
+"""
+import torch
+import torch.nn as nn
+
+from ..models.cost import count_flops_params
+from ..registry import SEARCH
+
+
+def out_size(size, stride):
+    """Spatial size after a ``k // 2``-padded conv with ``stride``."""
+    return (size + stride - 1) // stride
+
+
+def _per_atom(block, cost_of_kernel):
+    """One cost per atom from a ``kernel_size -> cost`` function."""
+    return torch.cat([torch.full((h, ), float(cost_of_kernel(k)))
+                      for k, h in block.atom_groups()])
+
+
+@SEARCH.register_module()
+class FLOPsCost:
+    """Multiply-adds at batch 1 and ``input_size`` px.
+
+    One atom of a block with input ``C_in x H x H`` and output
+    ``C_out x H' x H'`` costs ``C_in*H^2`` (expand row) ``+ k^2*H'^2``
+    (depthwise filter) ``+ C_out*H'^2`` (projection column), plus with SE
+    ``H'^2`` (pooling) ``+ 2*C_se`` (squeeze column, excite row).
+
+    Args:
+        input_size (int): Image side.
+    """
+
+    def __init__(self, input_size=224):
+        if (not isinstance(input_size, int) or isinstance(input_size, bool)
+                or input_size <= 0):
+            raise ValueError(f'input_size: must be a positive int, got '
+                             f'{input_size!r}')
+        self.input_size = input_size
+
+    def atom_costs(self, backbone):
+        costs = []
+        for block, size in zip(backbone.blocks(),
+                               backbone.block_input_sizes(self.input_size)):
+            if not block.searchable:
+                costs.append(None)
+                continue
+            out = out_size(size, block.stride) ** 2
+            se = out + 2 * block.se_channels if block.se is not None else 0
+            costs.append(_per_atom(block, lambda k: (
+                block.in_channels * size * size + k * k * out
+                + block.out_channels * out + se)))
+        return costs
+
+    def total(self, backbone):
+        flops, _ = count_flops_params(backbone, (
+            1, backbone.in_channels, self.input_size, self.input_size))
+        return float(flops)
+
+
+@SEARCH.register_module()
+class ParamsCost:
+    """Conv/Linear weights and biases.
+
+    One atom costs ``C_in`` (expand row) ``+ k^2`` (depthwise filter)
+    ``+ C_out`` (projection column), plus with SE ``2*C_se + 1``.
+    """
+
+    def atom_costs(self, backbone):
+        costs = []
+        for block in backbone.blocks():
+            if not block.searchable:
+                costs.append(None)
+                continue
+            se = 2 * block.se_channels + 1 if block.se is not None else 0
+            costs.append(_per_atom(block, lambda k: (
+                block.in_channels + k * k + block.out_channels + se)))
+        return costs
+
+    def total(self, backbone):
+        return float(sum(p.numel() for m in backbone.modules()
+                         if isinstance(m, (nn.Conv2d, nn.Linear))
+                         for p in m.parameters(recurse=False)))
+
+
+def penalty_weights(backbone, cost):
+    """Atom costs normalised by their mean: the penalty weights ``p``.
+
+    Args:
+        backbone (AtomNAS): The backbone (normally the initial supernet).
+        cost: A cost model.
+
+    Returns:
+        tuple[list[Tensor | None], float]: Per block the weights in atom
+        order (None when not searchable), and the mean cost.
+    """
+    costs = cost.atom_costs(backbone)
+    flat = [c for c in costs if c is not None and len(c)]
+    mean = torch.cat(flat).mean().item() if flat else 1.0
+    return [None if c is None else c / mean for c in costs], mean
