@@ -103,7 +103,8 @@ def removed_cost(model, plan, cost):
     return total
 
 
-def _check_plan(model, plan):
+def check_plan(model, plan):
+    """Raise unless every entry of ``plan`` is valid for ``model``."""
     blocks = dict(model.named_modules())
     for name, keep in plan.items():
         if not isinstance(blocks.get(name), AtomicBlock):
@@ -120,7 +121,7 @@ def apply_plan(model, plan, fold=True):
     Returns:
         dict[Parameter, ParamChange]: The parameter remapping.
     """
-    blocks = _check_plan(model, plan)
+    blocks = check_plan(model, plan)
     remap = {}
     for name, keep in plan.items():
         remap.update(blocks[name].remove_atoms(keep, fold=fold))
@@ -219,7 +220,7 @@ def shrink_model(model, threshold=1e-3, fold=True):
     """
     criterion = ThresholdCriterion(threshold)
     plan = plan_shrink(model, criterion)
-    blocks = _check_plan(model, plan)
+    blocks = check_plan(model, plan)
     removed = {name: blocks[name].num_atoms - len(keep)
                for name, keep in plan.items()}
     bound = max([blocks[name].removal_error_bound(keep)

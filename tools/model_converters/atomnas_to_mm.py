@@ -1,6 +1,7 @@
 """Convert a released AtomNAS reference checkpoint to an mmpretrain one.
 
-Reads both layouts of ATOMNAS.md section 7 (A/B/C: per-branch ``ops``;
+Reads both layouts of the reference checkpoints (docs/method.md,
+"Reference checkpoints"; A/B/C: per-branch ``ops``;
 "+": fused ``expand_conv``/``depth_ops``/``se_op``/``project_conv``), with or
 without the ``'module.'`` prefix; the EMA shadow (``ckpt['ema']['shadow']``)
 wins over ``ckpt['model']`` where present. The architecture is read from the
@@ -30,11 +31,8 @@ from collections import OrderedDict
 
 import torch
 
-NUM_BLOCKS = 22
-STRIDE2_BLOCKS = (2, 6, 10, 18)  # fixed by position in the reference net
 BN_KEYS = ('weight', 'bias', 'running_mean', 'running_var',
            'num_batches_tracked')
-PLUS = dict(act_cfg=dict(type='Swish'), se_ratio=0.5)
 
 
 def import_atomnas_mm():
@@ -45,6 +43,13 @@ def import_atomnas_mm():
         sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(
             osp.abspath(__file__)))))
         import atomnas_mm  # noqa: F401
+
+
+def _layout():
+    """Block count and stride-2 positions (``features.i``) of the supernet."""
+    from atomnas_mm.models.archs import supernet_rows
+    rows = supernet_rows()
+    return len(rows), tuple(i + 1 for i, r in enumerate(rows) if r[2] == 2)
 
 
 def load_source(path, trust_unsafe_pickle=False):
@@ -163,24 +168,27 @@ def _block_plus(state, i):
 def read_blocks(state):
     """Per-block fused tensors, the layout name and the block count."""
     plus = any('.depth_ops.' in k or '.expand_conv.' in k for k in state)
+    num_blocks, _ = _layout()
     ids = sorted({int(k.split('.')[1]) for k in state
                   if k.startswith('features.')})
-    if ids != list(range(NUM_BLOCKS + 2)):
-        raise ValueError(f'SRC: expected features.0..{NUM_BLOCKS + 1} (stem, '
-                         f'{NUM_BLOCKS} blocks, head conv), found {ids}')
+    if ids != list(range(num_blocks + 2)):
+        raise ValueError(f'SRC: expected features.0..{num_blocks + 1} (stem, '
+                         f'{num_blocks} blocks, head conv), found {ids}')
     reader = _block_plus if plus else _block_abc
-    return [reader(state, i) for i in range(1, NUM_BLOCKS + 1)], plus
+    return [reader(state, i) for i in range(1, num_blocks + 1)], plus
 
 
 def infer_arch(state, blocks, plus):
     """The arch dict that the tensor shapes describe."""
+    from atomnas_mm.models.archs import PLUS_DEFAULTS
+    num_blocks, stride2 = _layout()
     rows, in_ch = [], state['features.0.0.weight'].shape[0]
     for i, block in enumerate(blocks, 1):
         out = block['project_bn']['weight'].shape[0]
         kernels = [int(w.shape[-1]) for w, _ in block['dw']]
         hidden = [int(w.shape[0]) for w, _ in block['dw']]
         has_expand = 'expand' in block or (not hidden and i > 1)
-        rows.append([int(out), 1, 2 if i in STRIDE2_BLOCKS else 1, kernels,
+        rows.append([int(out), 1, 2 if i in stride2 else 1, kernels,
                      hidden, has_expand])
         if 'se' in block and block['se'][0].shape[0] != round(0.5 * in_ch):
             raise ValueError(
@@ -189,10 +197,10 @@ def infer_arch(state, blocks, plus):
         in_ch = out
     arch = dict(rows=rows,
                 stem_channels=int(state['features.0.0.weight'].shape[0]),
-                last_channels=int(state[f'features.{NUM_BLOCKS + 1}.0.weight']
+                last_channels=int(state[f'features.{num_blocks + 1}.0.weight']
                                   .shape[0]))
     if plus:
-        arch.update(PLUS)
+        arch.update(PLUS_DEFAULTS)
     return arch
 
 
@@ -201,28 +209,16 @@ def _put_bn(out, prefix, bn):
         out[f'{prefix}.{k}'] = v
 
 
-def _put_block(out, name, block):
+def _put_block(out, name, module, block):
     """Write one block's fused tensors under ``backbone.{name}``."""
-    p = f'backbone.{name}'
-    if 'expand' in block:
-        out[f'{p}.expand.conv.weight'] = block['expand']
-        _put_bn(out, f'{p}.expand.bn', block['expand_bn'])
-    for w, bn in block['dw']:
-        out[f'{p}.dw.k{w.shape[-1]}.conv.weight'] = w
-        _put_bn(out, f'{p}.dw.k{w.shape[-1]}.bn', bn)
-    if 'se' in block:
-        for key, v in zip(('conv1.conv.weight', 'conv1.conv.bias',
-                           'conv2.conv.weight', 'conv2.conv.bias'),
-                          block['se']):
-            out[f'{p}.se.{key}'] = v
-    if block['dw']:
-        out[f'{p}.project.conv.weight'] = block['project']
-        _put_bn(out, f'{p}.project.bn', block['project_bn'])
-    else:
-        # No atoms left: the block adds the constant its BN makes of zero.
-        bn = block['project_bn']
-        scale = bn['weight'] / torch.sqrt(bn['running_var'] + 1e-3)
-        out[f'{p}.bias'] = bn['bias'] - bn['running_mean'] * scale
+    parts = module.state_from_parts(
+        dw=block['dw'], project_bn=block['project_bn'],
+        expand=(block['expand'], block['expand_bn']) if 'expand' in block
+        else None,
+        project=block.get('project') if block['dw'] else None,
+        se=block.get('se'))
+    for key, value in parts.items():
+        out[f'backbone.{name}.{key}'] = value
 
 
 def convert(ckpt):
@@ -237,8 +233,8 @@ def convert(ckpt):
     _put_bn(out, 'backbone.conv1.bn', _bn(state, 'features.0.1.'))
     names = {id(m): n for n, m in backbone.named_modules()}
     for module, block in zip(backbone.blocks(), blocks):
-        _put_block(out, names[id(module)], block)
-    head = f'features.{NUM_BLOCKS + 1}.'
+        _put_block(out, names[id(module)], module, block)
+    head = f'features.{_layout()[0] + 1}.'
     out['backbone.conv2.conv.weight'] = state[head + '0.weight']
     _put_bn(out, 'backbone.conv2.bn', _bn(state, head + '1.'))
     out['head.fc.weight'] = state['classifier.1.weight']

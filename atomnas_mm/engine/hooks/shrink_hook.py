@@ -15,6 +15,7 @@ from ...search.costs import FLOPsCost, ParamsCost
 from ...search.policy import (MinCostTrigger, ThresholdCriterion, build_part,
                               check_number)
 from ...search.shrink import (apply_plan, atom_strengths, check_optimizer,
+                              check_plan,
                               find_backbones, plan_from_strengths,
                               removed_cost, reshape_to_arch, shrink_optimizer)
 from ...visualization import draw_arch, draw_flops_curve, save_image
@@ -157,13 +158,28 @@ class AtomShrinkHook(Hook):
         blocks = dict(self._model(runner).named_modules())
         removed = {name: blocks[name].num_atoms - len(keep)
                    for name, keep in plan.items()}
+        bound = max(blocks[name].removal_error_bound(keep)
+                    for name, keep in plan.items())
+        if bound > 1e-6:
+            runner.logger.warning(
+                f'AtomShrinkHook: SE blocks lose atoms whose constant output '
+                f'passes the input-dependent SE gate; eval outputs of their '
+                f'projections may change by up to {bound:.3g} (docs/method.md,'
+                ' "Shrinking")')
         self.apply(runner, plan)
         self._record(runner, epoch, iteration, removed=removed,
                      removed_cost=cost)
         return plan
 
     def apply(self, runner, plan, fold=True):
-        """Apply ``plan`` to the model, EMA copy, optimizer and DDP wrapper."""
+        """Apply ``plan`` to the model, EMA copy, optimizer and DDP wrapper.
+
+        The plan is checked against the model and the EMA copy first: on
+        error nothing has changed.
+        """
+        ema = self._ema_module(runner)
+        if ema is not None:
+            check_plan(ema, plan)
         remap = apply_plan(self._model(runner), plan, fold=fold)
         self._update_holders(runner, remap,
                              lambda ema: apply_plan(ema, plan, fold=fold))
