@@ -1,4 +1,4 @@
-# AtomNAS-A: one-pass search + training on ImageNet-1k (ATOMNAS.md
+# AtomNAS-A: one-pass search + training on ImageNet-1k (docs/method.md
 # sections 4-6, Table 1). Training the supernet IS the search: the
 # FLOPs-weighted L1 penalty (rho 1.8e-4, 25 warm-up epochs) drives atoms' BN
 # scales to zero and AtomShrinkHook removes them while training runs; the

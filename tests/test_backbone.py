@@ -13,7 +13,7 @@ ZOO = sorted(ARCHS)
 SEARCHED = [name for name in ZOO if name != 'supernet']
 STAGE_CHANNELS = [16, 24, 40, 80, 96, 192, 320, 1280]
 
-# AtomNAS-A as published (ATOMNAS.md section 3), typed in independently of
+# AtomNAS-A as published (docs/method.md, "Zoo"), typed in independently of
 # atomnas_mm.models.archs.
 PUBLISHED_A_ROWS = [
     [16, 1, 1, [3], [16], False], [24, 1, 2, [3, 5, 7], [16, 12, 9], True],
@@ -208,7 +208,7 @@ def test_invalid_block_widths():
 
 
 # --------------------------------------------------------------------------
-# Fused block == per-branch sum (ATOMNAS.md section 2)
+# Fused block == per-branch sum (docs/method.md, "Search space")
 # --------------------------------------------------------------------------
 def randomise_norms(module, generator):
     """Give every BN random running stats and affine parameters."""

@@ -60,7 +60,7 @@ def swish(x):
 
 
 def reference_block(block, x, act):
-    """ATOMNAS.md section 2, per-branch layout: one branch per kernel size.
+    """docs/method.md, "Search space", per-branch layout: one branch per kernel size.
 
     Each branch: 1x1 expand (a slice of the block's rows) + BN + act,
     depthwise kxk + BN + act, 1x1 projection; the branch projections are

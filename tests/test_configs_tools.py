@@ -49,7 +49,7 @@ RETRAIN = {
     'atomnas-b_plus_in1k.py': ('atomnas_b_plus', 128),
     'atomnas-c_plus_in1k.py': ('atomnas_c_plus', 128),
 }
-# search config: (stem channels, rho) -- ATOMNAS.md Table 1
+# search config: (stem channels, rho) -- docs/method.md, "Penalty"
 SEARCH = {
     'atomnas_a.py': (16, 1.8e-4),
     'atomnas_b.py': (32, 1.2e-4),
@@ -499,7 +499,7 @@ def _check_recipe_in_run(work_dir, total_batch, epoch_length):
     assert second['lr'] == pytest.approx(
         peak * (1 / 8 + 7 / 8 / warm_iters))
     # weight decay as a loss term (BNL1PenaltyHook, rho 0)
-    assert first['loss_wd'] > 0 and first['rho'] == 0
+    assert first['loss_wd'] > 0 and first['penalty_rho'] == 0
 
 
 def test_train_test_resume(tiny_config, tmp_path):

@@ -64,7 +64,7 @@ def arch_of(plus):
 
 
 def to_reference(model, plus):
-    """Our state in the reference key layout (ATOMNAS.md section 7)."""
+    """Our state in the reference key layout (docs/method.md, "Reference checkpoints")."""
     sd = model.state_dict()
     ref = {}
 

@@ -286,7 +286,7 @@ def _ddp_worker(rank, world_size, port, work_dir, rho):
                       RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world_size))
     torch.set_num_threads(1)
-    if not torch.cuda.is_available():  # ENVIRONMENT.md: CPU DDP workaround
+    if not torch.cuda.is_available():  # CPU DDP workaround (docs/method.md)
         torch.cuda.set_device = lambda *args, **kwargs: None
     ddp = dict(launcher='pytorch',
                env_cfg=dict(dist_cfg=dict(backend='gloo')),

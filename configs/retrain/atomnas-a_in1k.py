@@ -1,5 +1,5 @@
 # Train (or evaluate) AtomNAS-A on ImageNet-1k with the AtomNAS recipe
-# (ATOMNAS.md section 6): 350 epochs, 64 images per GPU, TF-style RMSProp,
+# (docs/method.md, "Recipe"): 350 epochs, 64 images per GPU, TF-style RMSProp,
 # lr 0.016 per 256 images (scaled to the real batch), EMA, label smoothing,
 # dropout 0.2, weight decay 1e-5 as a loss term, seed 1995.
 # AtomNAS-B / C inherit this file and only change the arch.

@@ -1,5 +1,5 @@
 # Train AtomNAS-A+ (Swish, squeeze-excite, dropout 0.28) from scratch on
-# ImageNet-1k: the AtomNAS recipe with 128 images per GPU (ATOMNAS.md
+# ImageNet-1k: the AtomNAS recipe with 128 images per GPU (docs/method.md
 # section 6, retraining of the "+" models). B+ / C+ inherit this file.
 _base_ = [
     '../_base_/models/atomnas-a_plus.py',

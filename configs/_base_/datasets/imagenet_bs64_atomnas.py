@@ -1,4 +1,4 @@
-# dataset settings: ImageNet-1k as in AtomNAS (ATOMNAS.md section 6).
+# dataset settings: ImageNet-1k as in AtomNAS (docs/method.md, "Recipe").
 # Train: Inception-style random crop (scale 0.08-1, min covered 0.1, centre
 # crop with padding 32 as fallback), bicubic resize to 224, horizontal flip.
 # Test: centre crop of 224/(224+32) of the short side, bicubic resize to 224.

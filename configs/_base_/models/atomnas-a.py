@@ -7,7 +7,7 @@ model = dict(
     type='ImageClassifier',
     backbone=dict(type='atomnas_mm.AtomNAS', arch='atomnas_a'),
     neck=dict(type='GlobalAveragePooling'),
-    # Dropout 0.2 before the FC (ATOMNAS.md): mmpretrain's LinearClsHead
+    # Dropout 0.2 before the FC (docs/method.md, "Recipe"): mmpretrain's LinearClsHead
     # has none, atomnas_mm's DropoutLinearClsHead adds it.
     head=dict(
         type='atomnas_mm.DropoutLinearClsHead',

@@ -1,4 +1,4 @@
-# model settings: AtomNAS-A+ (ATOMNAS.md section 3): the A rows with Swish,
+# model settings: AtomNAS-A+ (docs/method.md, "Zoo"): the A rows with Swish,
 # squeeze-excite 0.5 (both come with the arch) and dropout 0.28.
 _base_ = './atomnas-a.py'
 

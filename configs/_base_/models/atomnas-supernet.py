@@ -1,4 +1,4 @@
-# model settings: the AtomNAS search space (ATOMNAS.md section 2; 32-channel
+# model settings: the AtomNAS search space (docs/method.md, "Search space"; 32-channel
 # stem, set stem_channels=16 for the AtomNAS-A search), dropout 0.2.
 _base_ = './atomnas-a.py'
 

@@ -1,4 +1,4 @@
-# AtomNAS training recipe (ATOMNAS.md section 6), shared by the one-pass
+# AtomNAS training recipe (docs/method.md, "Recipe"), shared by the one-pass
 # search configs (configs/atomnas_{a,b,c}.py) and the retraining configs.
 #
 # Scaling with the number of GPUs: nothing to edit. The lr is 0.016 per 256
