@@ -101,7 +101,7 @@ SUPERNET_STAGES = (
 ARCH_DEFAULTS = dict(stem_channels=32, last_channels=1280, in_channels=3,
                      act_cfg=dict(type='ReLU'), se_ratio=None,
                      stage_depths=None)
-ARCH_KEYS = ('rows', ) + tuple(ARCH_DEFAULTS)
+ARCH_KEYS = ('rows', 'stages') + tuple(ARCH_DEFAULTS)
 PLUS_DEFAULTS = dict(act_cfg=dict(type='Swish'), se_ratio=0.5)
 
 
@@ -151,8 +151,11 @@ def parse_arch(arch):
     """Validate an arch (zoo name or dict) and fill the documented defaults.
 
     Args:
-        arch (str | dict): A zoo name or a dict with ``rows`` and any of
-            :data:`ARCH_KEYS`; missing keys take :data:`ARCH_DEFAULTS`.
+        arch (str | dict): A zoo name or a dict with ``rows`` (one per
+            block group) or ``stages`` (a supernet stage table: rows
+            ``[expand_ratio, out_channels, depth, stride, kernel_sizes]``,
+            see :class:`Stage`), and any of :data:`ARCH_KEYS`; missing keys
+            take :data:`ARCH_DEFAULTS`.
 
     Returns:
         dict: ``rows`` as one-block :class:`Row` s and every key of
@@ -160,9 +163,16 @@ def parse_arch(arch):
     """
     if isinstance(arch, str):
         arch = get_arch(arch)
-    if not isinstance(arch, dict) or 'rows' not in arch:
-        raise ValueError(f'arch: expected a zoo name or a dict with "rows", '
-                         f'got {arch!r}')
+    if not isinstance(arch, dict) or ('rows' in arch) == ('stages' in arch):
+        raise ValueError(f'arch: expected a zoo name or a dict with "rows" '
+                         f'or "stages" (one of them), got {arch!r}')
+    if 'stages' in arch:
+        stages = _parse_stages(arch['stages'])
+        arch = dict({k: v for k, v in arch.items() if k != 'stages'},
+                    stage_depths=[s.depth for s in stages],
+                    rows=supernet_rows(arch.get(
+                        'stem_channels', ARCH_DEFAULTS['stem_channels']),
+                        stages))
     unknown = set(arch) - set(ARCH_KEYS)
     if unknown:
         raise ValueError(f'arch: unknown keys {sorted(unknown)}; allowed '
@@ -199,6 +209,22 @@ def parse_arch(arch):
             f'stem_channels: {spec["stem_channels"]} does not match the first '
             f'block, which has no expand conv and hidden {list(first.hidden)}')
     return spec
+
+
+def _parse_stages(stages):
+    if not isinstance(stages, (list, tuple)) or not stages:
+        raise ValueError(f'arch: stages must be a non-empty list, got '
+                         f'{stages!r}')
+    out = []
+    for i, value in enumerate(stages):
+        if (not isinstance(value, (list, tuple)) or len(value) != 5
+                or not all(_is_int(v) and v > 0 for v in value[:4])
+                or not isinstance(value[4], (list, tuple))):
+            raise ValueError(
+                f'arch: stage {i} must be [expand_ratio, out_channels, depth, '
+                f'stride, kernel_sizes] with positive ints, got {value!r}')
+        out.append(Stage(*value[:4], tuple(value[4])))
+    return out
 
 
 def _rows(*flat):
