@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import os.path as osp
+import re
 import subprocess
 import sys
 
@@ -175,7 +176,9 @@ def demo_checkpoint(path, drop=()):
     cfg = Config.fromfile(DEMO)
     init_default_scope('mmpretrain')
     model_cfg = copy.deepcopy(cfg.model)
-    model_cfg.backbone.arch = dict(model_cfg.backbone.arch, rows=DEMO_ROWS)
+    supernet = model_cfg.backbone.arch
+    model_cfg.backbone.arch = dict(rows=DEMO_ROWS, **{
+        k: v for k, v in supernet.items() if k not in ('rows', 'stages')})
     model = MODELS.build(model_cfg)
     arch = model.backbone.arch_dict()
     for key in drop:
@@ -206,6 +209,43 @@ def test_arch_json_rebuilds_the_1_channel_demo_net(tmp_path, drop):
     assert input_channels(exported) == 1
     exported.load_state_dict(torch.load(paths['checkpoint'],
                                         weights_only=True)['state_dict'])
+
+
+@pytest.fixture(scope='module')
+def demo_export(tmp_path_factory):
+    """The exported 1-channel demo-like net: ``{'model', 'paths'}``."""
+    tmp = tmp_path_factory.mktemp('demo_export')
+    model = demo_checkpoint(str(tmp / 'ck.pth'))
+    return dict(model=model, root=tmp,
+                paths=export(str(tmp / 'ck.pth'), str(tmp / 'export'),
+                             name='demo'))
+
+
+@pytest.mark.slow
+def test_get_flops_on_the_exported_1_channel_net(demo_export):
+    """Default shape: the config's 28 px, the model's 1 channel."""
+    from atomnas_mm.models import count_flops_params
+    log = run_tool([osp.join(REPO, 'tools', 'analysis_tools', 'get_flops.py'),
+                    demo_export['paths']['config']], demo_export['root'])
+    assert 'Input shape: (1, 1, 28, 28)' in log
+    flops, _ = count_flops_params(demo_export['model'], (1, 1, 28, 28))
+    line = next(x for x in log.splitlines() if x.startswith('AtomNAS (MAdds'))
+    assert line.split()[-2] == f'{flops / 1e6:.2f}', line
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not all(osp.isdir(osp.join(
+    osp.dirname(osp.dirname(osp.abspath(torch.__file__))), p))
+    for p in ('onnx', 'onnxruntime')), reason='needs onnx and onnxruntime')
+def test_onnx_verify_on_the_exported_1_channel_net(demo_export):
+    paths = demo_export['paths']
+    log = run_tool([osp.join(REPO, 'tools', 'deployment', 'pytorch2onnx.py'),
+                    paths['config'], paths['checkpoint'], '--out',
+                    'demo.onnx', '--verify'], demo_export['root'])
+    assert 'demo.onnx: input [batch, 1, 28, 28]' in log
+    line = next(x for x in log.splitlines() if x.startswith('max |onnx'))
+    errors = re.findall(r'batch \d+: (\S+?)(?:,|$)', line)
+    assert len(errors) == 2 and max(map(float, errors)) < 1e-4, line
 
 
 @pytest.mark.parametrize('key', ['rows', 'stem_channels'])

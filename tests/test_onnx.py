@@ -1,6 +1,6 @@
-"""tools/deployment/pytorch2onnx.py: dynamic batch, onnxruntime agreement."""
+"""ONNX export (atomnas_mm.export, tools/deployment/pytorch2onnx.py):
+dynamic batch, onnxruntime agreement, the model's own input channels."""
 import copy
-import importlib.util
 import os.path as osp
 
 import pytest
@@ -9,29 +9,31 @@ from mmengine.config import Config
 from mmpretrain.registry import MODELS
 
 import atomnas_mm  # noqa: F401
+from atomnas_mm.export import build_from_checkpoint, export_onnx, verify_onnx
 
 pytest.importorskip('onnx', reason='needs the onnx package '
                     '(requirements/tests.txt)')
 ort = pytest.importorskip('onnxruntime', reason='needs onnxruntime '
                           '(requirements/tests.txt)')
 
-REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 SHAPE = 48
 
 
-def load_tool():
-    path = osp.join(REPO, 'tools', 'deployment', 'pytorch2onnx.py')
-    spec = importlib.util.spec_from_file_location('_pytorch2onnx', path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def export(cfg, ckpt, out, shape=(SHAPE, SHAPE)):
+    """What the tool does: build, export, verify; the max errors."""
+    model = build_from_checkpoint(cfg, ckpt)
+    module = export_onnx(model, out, shape)
+    return verify_onnx(module, out, shape)
 
 
-def write_model(tmp_path, arch, config_arch=None):
+def write_model(tmp_path, arch, config_arch=None, in_channels=None):
     """A config (with ``config_arch``) and a checkpoint (with ``arch``)."""
+    backbone = dict(type='atomnas_mm.AtomNAS', arch=config_arch or arch)
+    if in_channels is not None:
+        backbone['in_channels'] = in_channels
     model_cfg = dict(
         type='ImageClassifier',
-        backbone=dict(type='atomnas_mm.AtomNAS', arch=config_arch or arch),
+        backbone=backbone,
         neck=dict(type='GlobalAveragePooling'),
         head=dict(type='LinearClsHead', num_classes=7, in_channels=32))
     cfg_path = str(tmp_path / 'model.py')
@@ -63,8 +65,7 @@ def test_onnx_matches_pytorch(tmp_path, tiny_arch, plus):
     shrunk['rows'][2] = [24, 1, 1, [3, 7], [2, 1], True]
     cfg, ckpt, model = write_model(tmp_path, shrunk, config_arch=arch)
     out = str(tmp_path / 'model.onnx')
-    errors = load_tool().main([cfg, ckpt, '--out', out,
-                               '--shape', str(SHAPE), '--verify'])
+    errors = export(cfg, ckpt, out)
     assert set(errors) == {1, 3}
     assert max(errors.values()) < 1e-4, errors
 
@@ -80,8 +81,18 @@ def test_onnx_matches_pytorch(tmp_path, tiny_arch, plus):
         assert abs(got - expected).max() < 1e-4
 
 
+def test_grey_input(tmp_path, tiny_arch):
+    """A 1-channel net (config ``in_channels=1``, checkpoint arch without
+    it, as before ``in_channels`` was an arch key) exports as [N, 1, H, W]."""
+    cfg, ckpt, model = write_model(tmp_path, tiny_arch, in_channels=1)
+    out = str(tmp_path / 'grey.onnx')
+    errors = export(cfg, ckpt, out, (28, 28))
+    assert max(errors.values()) < 1e-4, errors
+    session = ort.InferenceSession(out, providers=['CPUExecutionProvider'])
+    assert session.get_inputs()[0].shape[1:] == [1, 28, 28]
+
+
 def test_missing_checkpoint(tmp_path, tiny_arch):
     cfg, _, _ = write_model(tmp_path, tiny_arch)
     with pytest.raises(FileNotFoundError, match='CHECKPOINT'):
-        load_tool().main([cfg, str(tmp_path / 'none.pth'), '--out',
-                          str(tmp_path / 'x.onnx')])
+        build_from_checkpoint(cfg, str(tmp_path / 'none.pth'))

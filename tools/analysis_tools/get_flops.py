@@ -8,12 +8,17 @@
   BatchNorm; all parameters, BN included).
 
 Both count the whole classifier (backbone, neck and head), unlike
-mmpretrain's get_flops.py, which counts ``extract_feat`` only.
+mmpretrain's get_flops.py, which counts ``extract_feat`` only. The input has
+the model's own channels (1 for the grey demo, 3 for RGB); ``--shape``
+defaults to the config's input size (:func:`atomnas_mm.export.input_size`:
+its ``input_size``, the AtomShrinkHook's, the test CenterCrop's, else 224).
 
 Example::
 
     python tools/analysis_tools/get_flops.py \
         configs/_base_/models/atomnas-a.py --shape 224
+    python tools/analysis_tools/get_flops.py \
+        configs/demo/atomnas_fashion_mnist.py        # 1 x 28 x 28
 """
 import argparse
 import os.path as osp
@@ -40,8 +45,8 @@ def parse_args(argv=None):
         '--shape',
         type=int,
         nargs='+',
-        default=[224, 224],
-        help='input image size')
+        help='input image size: H (square) or H W (default: the config\'s '
+        'input size)')
     parser.add_argument(
         '--cfg-options',
         nargs='+',
@@ -63,20 +68,23 @@ def main(argv=None):
     from mmengine.config import Config
     from mmpretrain import get_model
 
+    from atomnas_mm.export import input_channels, input_size
     from atomnas_mm.models import count_flops_params
-
-    if len(args.shape) == 1:
-        input_shape = (3, args.shape[0], args.shape[0])
-    elif len(args.shape) == 2:
-        input_shape = (3, ) + tuple(args.shape)
-    else:
-        raise ValueError(f'--shape: expected 1 or 2 ints, got {args.shape}')
 
     cfg = Config.fromfile(args.config)
     if args.cfg_options is not None:
         cfg.merge_from_dict(args.cfg_options)
+    if args.shape is None:
+        size = input_size(cfg)
+    elif len(args.shape) == 1:
+        size = (args.shape[0], args.shape[0])
+    elif len(args.shape) == 2:
+        size = tuple(args.shape)
+    else:
+        raise ValueError(f'--shape: expected 1 or 2 ints, got {args.shape}')
     model = get_model(cfg)
     model.eval()
+    input_shape = (input_channels(model), ) + tuple(size)
 
     ours_flops, ours_params = count_flops_params(model, (1, ) + input_shape)
     # ImageClassifier.forward defaults to mode='tensor' (logits).
