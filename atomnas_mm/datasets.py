@@ -1,4 +1,5 @@
-"""Fashion-MNIST from the Debian package ``dataset-fashion-mnist``."""
+"""Fashion-MNIST from the Debian package ``dataset-fashion-mnist``, and a
+check that a config's datasets are on disk before a Runner is built."""
 import gzip
 import os
 import os.path as osp
@@ -14,19 +15,34 @@ INSTALL_HINT = ('install the Debian package with `sudo apt-get install '
                 f'{DEBIAN_ROOT}) or point data_root at the idx files')
 
 
+class DatasetNotFoundError(FileNotFoundError):
+    """A dataset's files are not on disk; the message says how to get them."""
+
+
+def check_idx_files(data_root, names, where='FashionMNIST'):
+    """Whether ``data_root`` holds the idx files unpacked (True) or gzipped.
+
+    Raises:
+        DatasetNotFoundError: Saying how to install the data.
+    """
+    if all(osp.isfile(osp.join(data_root, n)) for n in names):
+        return True
+    if all(osp.isfile(osp.join(data_root, n + '.gz')) for n in names):
+        return False
+    raise DatasetNotFoundError(
+        f'{where}: Fashion-MNIST not found in data_root={data_root!r}: '
+        f'{INSTALL_HINT}.')
+
+
 def unpack_idx_files(data_root, cache_dir, names):
     """Return a directory holding the unpacked idx files ``names``.
 
     ``data_root`` may hold them unpacked (used as is) or as ``.gz`` (the
     Debian layout, read-only): those are decompressed once into
-    ``cache_dir``.
+    ``cache_dir`` (about 53 MB for Fashion-MNIST).
     """
-    if all(osp.isfile(osp.join(data_root, n)) for n in names):
+    if check_idx_files(data_root, names):
         return data_root
-    if not all(osp.isfile(osp.join(data_root, n + '.gz')) for n in names):
-        raise FileNotFoundError(
-            f'Fashion-MNIST not found in data_root={data_root!r}: '
-            f'{INSTALL_HINT}.')
     os.makedirs(cache_dir, exist_ok=True)
     for name in names:
         dst = osp.join(cache_dir, name)
@@ -55,10 +71,69 @@ class FashionMNIST(_FashionMNIST):
 
     def __init__(self, data_root=DEBIAN_ROOT,
                  cache_dir='data/fashion-mnist', **kwargs):
-        names = [n[:-3] for n, _ in self.train_list + self.test_list]
-        root = unpack_idx_files(data_root, cache_dir, names)
+        root = unpack_idx_files(data_root, cache_dir, self.idx_files())
         kwargs['download'] = False
         # mmpretrain's MNIST picks its files by test_mode, not by split:
         # split='test' alone would silently read the training images.
         kwargs.setdefault('test_mode', kwargs.get('split', 'train') == 'test')
         super().__init__(data_root=root, **kwargs)
+
+    @classmethod
+    def idx_files(cls):
+        """Names of the four unpacked idx files."""
+        return [n[:-3] for n, _ in cls.train_list + cls.test_list]
+
+
+def _dataset_cfgs(cfg, where):
+    """``(field, dataset config)`` of ``cfg`` and the datasets it wraps."""
+    if not hasattr(cfg, 'get'):
+        return []
+    found = [(where, cfg)]
+    if hasattr(cfg.get('dataset'), 'get'):
+        found += _dataset_cfgs(cfg['dataset'], f'{where}.dataset')
+    for i, sub in enumerate(cfg.get('datasets') or []):
+        found += _dataset_cfgs(sub, f'{where}.datasets.{i}')
+    return found
+
+
+def _is_local(path, dataset_cfg):
+    backend = (dataset_cfg.get('backend_args') or {}).get('backend', 'local')
+    return isinstance(path, str) and path and '://' not in path and \
+        backend in ('local', 'lmdb')
+
+
+def check_data(cfg, splits=('train', 'val', 'test')):
+    """Check that the datasets of a config are on disk, before building.
+
+    A Runner prints its environment and the whole config (hundreds of lines)
+    before it builds a dataloader; call this first, so that a missing
+    dataset is the first and only thing a person reads. Checks
+    ``atomnas_mm.FashionMNIST`` for its idx files, and every other dataset
+    (and the datasets inside wrappers) for a local ``data_root`` that does
+    not exist, unless it downloads.
+
+    Args:
+        cfg (Config | dict): The config.
+        splits (Sequence[str]): Which ``<split>_dataloader`` to check.
+
+    Raises:
+        DatasetNotFoundError: Naming the config field and the path.
+    """
+    for split in splits:
+        loader = cfg.get(f'{split}_dataloader')
+        if not hasattr(loader, 'get') or loader.get('dataset') is None:
+            continue
+        for field, dataset in _dataset_cfgs(loader['dataset'],
+                                            f'{split}_dataloader.dataset'):
+            kind = dataset.get('type')
+            if kind in ('atomnas_mm.FashionMNIST', FashionMNIST):
+                check_idx_files(dataset.get('data_root', DEBIAN_ROOT),
+                                FashionMNIST.idx_files(), field)
+                continue
+            root = dataset.get('data_root')
+            if _is_local(root, dataset) and not dataset.get('download') \
+                    and not osp.exists(root):
+                raise DatasetNotFoundError(
+                    f'{field}.data_root: {root!r} does not exist (relative '
+                    f'paths start at {os.getcwd()}); put the dataset there '
+                    f'or set {field}.data_root')

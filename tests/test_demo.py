@@ -5,7 +5,10 @@ import sys
 
 import pytest
 
-from atomnas_mm.datasets import DEBIAN_ROOT, FashionMNIST
+from mmengine.config import Config
+
+from atomnas_mm.datasets import (DEBIAN_ROOT, DatasetNotFoundError,
+                                 FashionMNIST, check_data)
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 CONFIG = osp.join(ROOT, 'configs/demo/atomnas_fashion_mnist.py')
@@ -19,6 +22,38 @@ def test_missing_dataset_says_how_to_install(tmp_path):
     with pytest.raises(FileNotFoundError,
                        match='apt-get install dataset-fashion-mnist'):
         FashionMNIST(data_root=str(tmp_path), cache_dir=str(tmp_path / 'c'))
+    cfg = Config.fromfile(CONFIG)
+    cfg.val_dataloader.dataset.data_root = str(tmp_path)
+    with pytest.raises(DatasetNotFoundError, match=r'^val_dataloader\.dataset:'
+                       r'.*apt-get install dataset-fashion-mnist'):
+        check_data(cfg)
+    cfg.train_dataloader.dataset = dict(
+        type='RepeatDataset', times=2,
+        dataset=dict(type='CustomDataset', data_root=str(tmp_path / 'no')))
+    with pytest.raises(DatasetNotFoundError, match=r'^train_dataloader\.'
+                       r'dataset\.dataset\.data_root: .*/no\b'):
+        check_data(cfg)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('tool', ['train', 'test'])
+def test_missing_dataset_is_the_first_thing_said(tmp_path, tool):
+    """The message comes before the Runner's environment and config dump:
+    nothing else is printed (but third-party warnings), nothing written."""
+    args = [CONFIG] + (['none.pth'] if tool == 'test' else []) + [
+        '--work-dir', str(tmp_path / 'work'), '--cfg-options'] + [
+        f'{split}_dataloader.dataset.data_root={tmp_path}'
+        for split in ('train', 'val', 'test')]
+    out = subprocess.run(
+        [sys.executable, osp.join(ROOT, 'tools', f'{tool}.py')] + args,
+        cwd=str(tmp_path), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1
+    said = [line for line in (out.stdout + out.stderr).splitlines()
+            if 'Warning' not in line and not line.startswith('  ')]
+    assert len(said) == 1, said
+    assert said[0].startswith(f'{tool}.py: error: ')
+    assert 'apt-get install dataset-fashion-mnist' in said[0]
+    assert not (tmp_path / 'work').exists()
 
 
 @needs_data

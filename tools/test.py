@@ -1,24 +1,34 @@
 """Test (and evaluate) a checkpoint; atomnas_mm's modules registered.
 
-The interface is mmpretrain 1.2.0's ``tools/test.py``; path handling is
-shared with ``tools/train.py``, the CPU DDP workaround is
+The interface is mmpretrain 1.2.0's ``tools/test.py`` with one difference:
+a test run writes into the ``test/`` subfolder of the work_dir mmpretrain
+would use (``--work-dir`` > the config's ``work_dir`` >
+``work_dirs/<config name>``), never into that work_dir itself. A search's
+work_dir and the exported config share a name, and mmengine dumps the
+config to ``<work_dir>/<config file name>``: testing the export would
+replace the search's own record of its config. A fixed subfolder (rather
+than a timestamped one) is the same on every rank without synchronisation;
+each test run still gets its own ``test/<timestamp>/`` log folder (with its
+config in ``vis_data/config.py``) from mmengine. The CPU DDP workaround is
 ``atomnas_mm.utils.cpu_ddp_workaround``.
 """
 import argparse
-import importlib.util
 import os
 import os.path as osp
+import sys
 from copy import deepcopy
 
+REPO_ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+TEST_SUBDIR = 'test'
 
-def _load_train_tool():
-    """Load tools/train.py next to this file (for its helpers)."""
-    path = osp.join(osp.dirname(osp.abspath(__file__)), 'train.py')
-    spec = importlib.util.spec_from_file_location('_atomnas_mm_train_tool',
-                                                  path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+
+def import_atomnas_mm():
+    """Import atomnas_mm, from the repository if it is not installed."""
+    try:
+        import atomnas_mm  # noqa: F401
+    except ImportError:
+        sys.path.insert(0, REPO_ROOT)
+        import atomnas_mm  # noqa: F401
 
 
 def parse_args(argv=None):
@@ -29,7 +39,9 @@ def parse_args(argv=None):
     parser.add_argument('checkpoint', help='checkpoint file')
     parser.add_argument(
         '--work-dir',
-        help='the directory to save the file containing evaluation metrics')
+        help='the work_dir whose `test/` subfolder gets the logs and '
+        'metrics (default: the config\'s work_dir, else '
+        'work_dirs/<config name>)')
     parser.add_argument('--out', help='the file to output results.')
     parser.add_argument(
         '--out-item',
@@ -96,12 +108,16 @@ def merge_args(cfg, args):
 
     cfg.launcher = args.launcher
 
-    # work_dir is determined in this priority: CLI > segment in file > filename
+    # work_dir: CLI > segment in file > filename, as in mmpretrain; the test
+    # run writes into its `test/` subfolder (see the module docstring).
     if args.work_dir is not None:
-        cfg.work_dir = args.work_dir
-    elif cfg.get('work_dir', None) is None:
-        cfg.work_dir = osp.join('./work_dirs',
-                                osp.splitext(osp.basename(args.config))[0])
+        work_dir = args.work_dir
+    elif cfg.get('work_dir', None) is not None:
+        work_dir = cfg.work_dir
+    else:
+        work_dir = osp.join('./work_dirs',
+                            osp.splitext(osp.basename(args.config))[0])
+    cfg.work_dir = osp.join(work_dir, TEST_SUBDIR)
 
     cfg.load_from = args.checkpoint
 
@@ -171,8 +187,7 @@ def main(argv=None):
         raise ValueError('Please use `--out` argument to specify the '
                          'path of the output file before using `--out-item`.')
 
-    train_tool = _load_train_tool()
-    train_tool.import_atomnas_mm()
+    import_atomnas_mm()
     import mmengine
     from mmengine.config import Config
     from mmengine.evaluator import DumpResults
@@ -182,7 +197,9 @@ def main(argv=None):
     cfg = Config.fromfile(args.config)
     cfg = merge_args(cfg, args)
     cfg.launcher = args.launcher  # what cpu_ddp_workaround reads
+    from atomnas_mm.datasets import check_data
     from atomnas_mm.utils import cpu_ddp_workaround
+    check_data(cfg, ('test', ))
     cpu_ddp_workaround(cfg)
 
     if 'runner_type' not in cfg:
@@ -202,4 +219,12 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    try:
+        import_atomnas_mm()
+        from atomnas_mm.datasets import DatasetNotFoundError
+    except ImportError:  # the traceback says what is missing
+        DatasetNotFoundError = ()
+    try:
+        main()
+    except DatasetNotFoundError as e:
+        sys.exit(f'{osp.basename(sys.argv[0])}: error: {e}')

@@ -4,6 +4,9 @@ The interface is mmpretrain 1.2.0's ``tools/train.py``. It runs from any
 directory: the repository root is put on ``sys.path`` only when atomnas_mm
 is not importable. With a distributed launcher on a machine without CUDA it
 applies the CPU DDP workaround (``atomnas_mm.utils.cpu_ddp_workaround``).
+Before the Runner prints its environment and config, the datasets are
+checked (``atomnas_mm.datasets.check_data``): a missing dataset stops the
+run with one line saying how to get it.
 """
 import argparse
 import os
@@ -160,7 +163,9 @@ def main(argv=None):
     cfg = Config.fromfile(args.config)
     cfg = merge_args(cfg, args)
     cfg.launcher = args.launcher  # what cpu_ddp_workaround reads
+    from atomnas_mm.datasets import check_data
     from atomnas_mm.utils import cpu_ddp_workaround
+    check_data(cfg, ('train', 'val') if cfg.get('val_cfg') else ('train', ))
     cpu_ddp_workaround(cfg)
 
     if 'runner_type' not in cfg:
@@ -172,4 +177,12 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    try:
+        import_atomnas_mm()
+        from atomnas_mm.datasets import DatasetNotFoundError
+    except ImportError:  # the traceback says what is missing
+        DatasetNotFoundError = ()
+    try:
+        main()
+    except DatasetNotFoundError as e:
+        sys.exit(f'{osp.basename(sys.argv[0])}: error: {e}')
