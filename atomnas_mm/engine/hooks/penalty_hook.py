@@ -89,12 +89,19 @@ class BNL1PenaltyHook(Hook):
         self._wrapped = None
 
     def schedule_of(self, runner):
-        """The penalty schedule: the configured part, or the ramp."""
-        if self.schedule is not None:
-            return self.schedule
-        ramp = self.warmup_iters if self.warmup_iters is not None else \
-            round(self.warmup_epochs * len(runner.train_dataloader))
-        return LinearRampSchedule(self.rho, ramp)
+        """The penalty schedule: the configured part or the ramp, times the
+        scale of an AtomShrinkHook's budget controller when there is one."""
+        schedule = self.schedule
+        if schedule is None:
+            ramp = self.warmup_iters if self.warmup_iters is not None else \
+                round(self.warmup_epochs * len(runner.train_dataloader))
+            schedule = LinearRampSchedule(self.rho, ramp)
+        controller = next((h.controller for h in runner.hooks
+                           if getattr(h, 'controller', None) is not None),
+                          None)
+        if controller is None:
+            return schedule
+        return lambda iteration: schedule(iteration) * controller.scale
 
     def extra_loss(self, runner):
         """The terms to add to the loss at the current iteration; logs them.

@@ -3,6 +3,7 @@ import copy
 import json
 import os.path as osp
 
+import torch
 from mmengine.dist import broadcast_object_list, is_main_process
 from mmengine.hooks import Hook
 from mmengine.hooks.ema_hook import EMAHook
@@ -11,12 +12,13 @@ from mmengine.optim import OptimWrapper, OptimWrapperDict
 from mmengine.runner import EpochBasedTrainLoop
 
 from ...registry import HOOKS
+from ...search.budget import BudgetController
 from ...search.costs import FLOPsCost, ParamsCost
 from ...search.policy import (MinCostTrigger, ThresholdCriterion, build_part,
                               check_number)
-from ...search.shrink import (apply_plan, atom_strengths, check_optimizer,
-                              check_plan,
-                              find_backbones, plan_from_strengths,
+from ...search.shrink import (apply_plan, atom_costs, atom_strengths,
+                              check_optimizer, check_plan, find_backbones,
+                              plan_from_strengths,
                               removed_cost, reshape_to_arch, shrink_optimizer)
 from ...visualization import draw_arch, draw_flops_curve, save_image
 
@@ -59,6 +61,15 @@ class AtomShrinkHook(Hook):
             min_removed_flops).
         cost (dict, optional): The cost model of the trigger and the logs
             (replaces ``FLOPsCost(input_size)``).
+        target (dict, optional): A budget for the backbone, e.g.
+            ``dict(flops=300e6)`` or ``dict(params=4e6)``: a
+            :class:`~atomnas_mm.search.budget.BudgetController` then steers
+            the penalty strength of BNL1PenaltyHook (a factor on its
+            schedule) and caps every shrink at the target.
+        deadline (float): With ``target``: fraction of training by which the
+            target is reached.
+        tolerance (float): With ``target``: the net ends within
+            ``[target, target * (1 + tolerance)]``.
     """
 
     # Before EMAHook (ABOVE_NORMAL in mmpretrain configs), so that
@@ -67,7 +78,8 @@ class AtomShrinkHook(Hook):
 
     def __init__(self, threshold=None, min_removed_flops=None, interval=1,
                  by_epoch=True, input_size=224, final_shrink=True,
-                 criterion=None, trigger=None, cost=None):
+                 criterion=None, trigger=None, cost=None, target=None,
+                 deadline=0.5, tolerance=0.02):
         for name, given, part in (('threshold', threshold, criterion),
                                   ('min_removed_flops', min_removed_flops,
                                    trigger)):
@@ -81,6 +93,13 @@ class AtomShrinkHook(Hook):
             trigger, MinCostTrigger(
                 1e6 if min_removed_flops is None else min_removed_flops),
             'trigger')
+        self.controller = None
+        if target is not None:
+            if cost is not None:
+                raise ValueError('cost: a target brings its own cost model')
+            self.controller = BudgetController(target, deadline, tolerance,
+                                               input_size=input_size)
+            cost = self.controller.cost
         self.cost = build_part(cost, FLOPsCost(input_size), 'cost')
         self.interval = check_number('interval', interval, 1, integer=True)
         for name, value in (('by_epoch', by_epoch),
@@ -111,6 +130,11 @@ class AtomShrinkHook(Hook):
                     ' (several optimizers)' if isinstance(
                         optim_wrapper, OptimWrapperDict) else ''))
         check_optimizer(optim_wrapper.optimizer, model)
+        if self.controller is not None and \
+                self.controller.initial_cost is None:
+            self.controller.start(backbone_cost(model, self.cost),
+                                  atom_costs(model, self.cost),
+                                  dict(model.named_modules()))
         if not self.history:  # a resumed run has its history already
             self._record(runner, runner.epoch, runner.iter, removed=None)
 
@@ -131,15 +155,41 @@ class AtomShrinkHook(Hook):
 
     # -- the work -------------------------------------------------------------
     def decide(self, runner, final=False):
-        """The shrink plan (decided on rank 0, broadcast) and its cost."""
+        """The shrink plan and its cost; decided on rank 0, broadcast (with
+        the budget controller's new penalty scale)."""
         model, ema = self._model(runner), self._ema_module(runner)
-        plan = [None]
+        decision = [None, None]
         if is_main_process():
             strengths = atom_strengths(model, self.criterion, ema,
                                        final=final and ema is not None)
-            plan[0] = plan_from_strengths(model, strengths, self.criterion)
-        broadcast_object_list(plan)
-        return plan[0], removed_cost(model, plan[0], self.cost)
+            plan = plan_from_strengths(model, strengths, self.criterion)
+            if self.controller is not None:
+                plan = self._budget_plan(runner, model, strengths, plan,
+                                         final)
+            decision = [plan, None if self.controller is None
+                        else self.controller.scale]
+        broadcast_object_list(decision)
+        plan, scale = decision
+        if scale is not None:
+            self.controller.scale = scale
+        return plan, removed_cost(model, plan, self.cost)
+
+    def _budget_plan(self, runner, model, strengths, plan, final):
+        """Steer the penalty from the live cost; cap the plan at the target
+        (at the end: remove the weakest atoms down to it)."""
+        controller = self.controller
+        total = backbone_cost(model, self.cost)
+        live = total - removed_cost(model, plan, self.cost)
+        controller.update(live, (runner.iter + 1) / runner.max_iters)
+        runner.message_hub.update_scalar('train/budget_live_cost', live)
+        runner.message_hub.update_scalar('train/budget_scale',
+                                         controller.scale)
+        over = final and live > controller.target * (1 + controller.tolerance)
+        candidates = {name: torch.ones_like(s, dtype=torch.bool) if over
+                      else self.criterion.dead(s)
+                      for name, s in strengths.items()}
+        return controller.cap(total, strengths, atom_costs(model, self.cost),
+                              dict(model.named_modules()), candidates)
 
     def shrink_if_due(self, runner, epoch, iteration, final=False):
         """Decide dead atoms and shrink when the trigger agrees.
@@ -209,11 +259,15 @@ class AtomShrinkHook(Hook):
         meta = checkpoint.setdefault('meta', {})
         meta['atomnas_arch'] = current_archs(self._model(runner))
         meta['atomnas_history'] = self.history  # for flops.png after resume
+        if self.controller is not None:
+            meta['atomnas_budget'] = self.controller.state_dict()
 
     def after_load_checkpoint(self, runner, checkpoint):
         meta = checkpoint.get('meta', {})
         if runner._resume:
             self.history = list(meta.get('atomnas_history', []))
+            if self.controller is not None and 'atomnas_budget' in meta:
+                self.controller.load_state_dict(meta['atomnas_budget'])
         archs = meta.get('atomnas_arch')
         model = self._model(runner)
         if not archs or archs == current_archs(model):

@@ -1,0 +1,140 @@
+"""Budget targets: the controller lands on a FLOPs target, resumes exactly,
+decides on rank 0, and refuses targets it cannot reach."""
+import os
+import os.path as osp
+import shutil
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from mmengine.hooks import Hook
+
+from atomnas_mm.models import AtomNAS, count_flops_params
+from test_shrink_hook import ROWS, RecordHook, build, make_cfg
+
+SUPERNET = dict(rows=ROWS, stem_channels=8, last_channels=32)
+
+
+def supernet_flops():
+    return count_flops_params(AtomNAS(arch=SUPERNET), (1, 3, 32, 32))[0]
+
+
+def budget_cfg(work_dir, target, max_epochs=3, **kwargs):
+    cfg = make_cfg(work_dir, max_epochs=max_epochs, **kwargs)
+    cfg['optim_wrapper'] = dict(optimizer=dict(type='RMSprop', lr=0.05,
+                                               momentum=0.9, eps=1e-3))
+    cfg['custom_hooks'] = [
+        dict(type='EMAHook', momentum=0.5, update_buffers=True),
+        dict(type='atomnas_mm.BNL1PenaltyHook', rho=1e-2, warmup_iters=0),
+        dict(type='atomnas_mm.AtomShrinkHook', min_removed_flops=0,
+             input_size=32, by_epoch=False, interval=2, target=target,
+             deadline=0.5, tolerance=0.02),
+    ]
+    return cfg
+
+
+def shrink_hook(runner):
+    return next(h for h in runner.hooks if type(h).__name__ == 'AtomShrinkHook')
+
+
+def test_lands_on_flops_target_and_never_below(tmp_path):
+    target = 0.6 * supernet_flops()
+    runner = build(budget_cfg(str(tmp_path), dict(flops=target)))
+    runner.train()
+    flops = count_flops_params(runner.model.backbone, (1, 3, 32, 32))[0]
+    assert target <= flops <= target * 1.02
+    history = shrink_hook(runner).history
+    assert history[0]['flops'] == supernet_flops()
+    assert all(h['flops'] >= target for h in history)
+    assert history[-1]['flops'] == flops
+    hub = runner.message_hub
+    assert hub.get_scalar('train/budget_scale').current() > 0
+    # The penalty strength is the ramp (no ramp: rho) times the scale.
+    scales = hub.get_scalar('train/budget_scale').data[0]
+    rhos = hub.get_scalar('train/penalty_rho').data[0]
+    assert rhos[-1] == pytest.approx(1e-2 * scales[-1])
+
+
+def test_resume_continues_exactly(tmp_path):
+    target = dict(flops=0.6 * supernet_flops())
+    full, record = str(tmp_path / 'full'), RecordHook()
+    runner = build(budget_cfg(full, target), [record])
+    runner.train()
+    part = str(tmp_path / 'part')
+    os.makedirs(part)
+    shutil.copy(osp.join(full, 'epoch_2.pth'), part)
+    resumed_record = RecordHook()
+    resumed = build(budget_cfg(part, target, resume=True,
+                               load_from=osp.join(part, 'epoch_2.pth')),
+                    [resumed_record])
+    resumed.train()
+    assert resumed_record.losses == pytest.approx(record.losses[-4:],
+                                                  rel=1e-5)
+    assert resumed.model.backbone.arch_rows() == \
+        runner.model.backbone.arch_rows()
+    assert shrink_hook(resumed).controller.scale == pytest.approx(
+        shrink_hook(runner).controller.scale)
+
+
+@pytest.mark.parametrize('target, match', [
+    (dict(flops=1e12), r'target: flops=1e\+12 is outside the reachable '
+                       r'range \[\d+, \d+\]'),
+    (dict(flops=1.0), r'target: flops=1 is outside the reachable range'),
+    (dict(params=1e9), r'target: params=1e\+09 is outside'),
+    (dict(latency=3.0), r'target: expected a dict with one key of'),
+    (dict(flops=1e6, params=1e5), r'target: expected a dict with one key'),
+    (dict(flops='300M'), r"target.flops: must be a finite number"),
+])
+def test_bad_targets_fail_before_training(tmp_path, target, match):
+    record = RecordHook()
+    with pytest.raises(ValueError, match=match):
+        build(budget_cfg(str(tmp_path), target), [record]).train()
+    assert record.losses == []
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+class PerturbRank1(Hook):
+    """On rank 1 only, rescale the gammas before every check, so that only
+    a decision broadcast from rank 0 keeps the ranks in step."""
+    priority = 'VERY_HIGH'
+
+    def after_train_iter(self, runner, batch_idx, data_batch=None,
+                         outputs=None):
+        from mmengine.dist import get_rank
+        if get_rank() == 1:
+            g = torch.Generator().manual_seed(runner.iter)
+            for m in runner.model.module.backbone.blocks():
+                for branch in m.dw.values():
+                    w = branch.norm.weight.data
+                    w.mul_(torch.rand(w.shape, generator=g) * 2)
+
+
+def _worker(rank, world_size, port, work_dir, target):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world_size), MASTER_ADDR='127.0.0.1',
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from atomnas_mm.utils import cpu_ddp_workaround
+    cfg = budget_cfg(work_dir, target, launcher='pytorch')
+    cpu_ddp_workaround(cfg)
+    runner = build(cfg, [PerturbRank1()])
+    runner.train()
+    torch.save(dict(rows=runner.model.module.backbone.arch_rows(),
+                    scale=shrink_hook(runner).controller.scale),
+               osp.join(work_dir, f'rank{rank}.pth'))
+
+
+def test_ddp_ranks_with_different_gammas_decide_alike(tmp_path):
+    target = dict(flops=0.6 * supernet_flops())
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), target),
+             nprocs=2)
+    r0 = torch.load(tmp_path / 'rank0.pth', weights_only=True)
+    r1 = torch.load(tmp_path / 'rank1.pth', weights_only=True)
+    assert r0 == r1
+    assert r0['rows'] != AtomNAS(arch=SUPERNET).arch_rows()
