@@ -5,12 +5,15 @@ mmengine's ``Visualizer.add_image``. They draw on a private matplotlib
 ``Figure`` with the Agg canvas, so they neither need a display nor touch
 pyplot's global state or backend.
 """
-import os
-import os.path as osp
+import io
+import logging
 
 import numpy as np
+from mmengine.logging import print_log
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from .fileio import atomic_write_bytes
 
 # Fixed colours for the supernet's kernel sizes, tab10 for any other.
 KERNEL_COLORS = {3: '#4C72B0', 5: '#DD8452', 7: '#55A868'}
@@ -155,13 +158,45 @@ def draw_flops_curve(history, x='iter', figsize=(6, 4)):
 
 
 def save_image(img, path):
-    """Write an RGB uint8 image as PNG (parent folders are created)."""
+    """Write an RGB uint8 image as PNG, atomically (parent folders created).
+
+    The PNG is encoded in memory and written with
+    :func:`atomnas_mm.fileio.atomic_write_bytes`: a kill or a full disk
+    leaves the previous picture at ``path`` (or none), never a partial one.
+
+    Raises:
+        ValueError: If ``img`` is not an RGB uint8 array.
+        OSError: If the file cannot be written (``path`` is then unchanged).
+    """
     img = np.asarray(img)
     if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
         raise ValueError(f'img: expected an RGB uint8 array (H, W, 3), got '
                          f'{img.dtype} {img.shape}')
     from PIL import Image
-    folder = osp.dirname(osp.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    Image.fromarray(img).save(path, format='PNG')
+    buffer = io.BytesIO()
+    Image.fromarray(img).save(buffer, format='PNG')
+    atomic_write_bytes(path, buffer.getvalue())
     return path
+
+
+def save_image_or_warn(img, path, logger='current'):
+    """:func:`save_image`, logging a warning instead of raising ``OSError``.
+
+    For pictures written while training runs: a full disk or a missing
+    permission must not stop the training.
+
+    Args:
+        img (np.ndarray): RGB uint8 image.
+        path (str): The PNG file.
+        logger (str | logging.Logger): Where the warning goes (mmengine's
+            :func:`~mmengine.logging.print_log`).
+
+    Returns:
+        str | None: ``path``, or None when it could not be written.
+    """
+    try:
+        return save_image(img, path)
+    except OSError as e:
+        print_log(f'Could not write the picture {path} ({e}); training '
+                  'goes on without it.', logger=logger, level=logging.WARNING)
+        return None
