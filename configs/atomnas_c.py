@@ -1,5 +1,5 @@
-# AtomNAS-C: one-pass search + training on ImageNet-1k (docs/method.md
-# sections 4-6, Table 1). Training the supernet IS the search: the
+# AtomNAS-C: one-pass search + training on ImageNet-1k (docs/method.md:
+# "Penalty", "Shrinking", "Recipe"). Training the supernet IS the search: the
 # FLOPs-weighted L1 penalty (rho 1.0e-4, 25 warm-up epochs) drives atoms' BN
 # scales to zero and AtomShrinkHook removes them while training runs; the
 # network at the end is the result (searched_arch.json in the work_dir,

@@ -138,3 +138,44 @@ def test_ddp_ranks_with_different_gammas_decide_alike(tmp_path):
     r1 = torch.load(tmp_path / 'rank1.pth', weights_only=True)
     assert r0 == r1
     assert r0['rows'] != AtomNAS(arch=SUPERNET).arch_rows()
+
+
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not osp.isdir('/usr/share/datasets/fashion-mnist'),
+                    reason='needs the Debian package dataset-fashion-mnist '
+                    '(tools/install.sh installs it when apt is available)')
+def test_demo_target_config_lands_through_train_py(tmp_path):
+    """The shipped demo target config, shortened, through tools/train.py;
+    the target is set from the command line as a user would."""
+    import json
+    import subprocess
+    import sys
+    target = 1.5e6
+    work_dir = tmp_path / 'work'
+    cmd = [sys.executable, osp.join(ROOT, 'tools/train.py'),
+           osp.join(ROOT, 'configs/demo/atomnas_fashion_mnist_target.py'),
+           '--work-dir', str(work_dir), '--cfg-options',
+           'train_cfg.max_epochs=2', 'train_dataloader.batch_size=32',
+           'train_dataloader.dataset.indices=1024',
+           'val_dataloader.dataset.indices=256',
+           f'train_dataloader.dataset.cache_dir={tmp_path / "data"}',
+           f'val_dataloader.dataset.cache_dir={tmp_path / "data"}',
+           'train_dataloader.num_workers=0', 'val_dataloader.num_workers=0',
+           'train_dataloader.persistent_workers=False',
+           'val_dataloader.persistent_workers=False',
+           'param_scheduler.0.end=5', 'param_scheduler.1.T_max=2',
+           'custom_hooks.1.warmup_epochs=0', 'custom_hooks.2.interval=8',
+           f'custom_hooks.2.target.flops={target}',
+           'custom_hooks.3.num_batches=2']
+    out = subprocess.run(cmd, cwd=str(tmp_path), capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    with open(work_dir / 'searched_arch.json') as f:
+        arch = json.load(f)['backbone']
+    net = AtomNAS(arch=arch)
+    flops = count_flops_params(net, (1, 1, 28, 28))[0]
+    assert target <= flops <= target * 1.02
+    assert 'budget_scale' in out.stdout + out.stderr

@@ -1,6 +1,5 @@
 """Physically remove dead atoms while training runs."""
 import copy
-import json
 import os.path as osp
 
 import torch
@@ -20,7 +19,8 @@ from ...search.shrink import (apply_plan, atom_costs, atom_strengths,
                               check_optimizer, check_plan, find_backbones,
                               plan_from_strengths,
                               removed_cost, reshape_to_arch, shrink_optimizer)
-from ...visualization import draw_arch, draw_flops_curve, save_image
+from ...fileio import atomic_write_json
+from ...visualization import draw_arch, draw_flops_curve, save_image_or_warn
 
 
 def current_archs(model):
@@ -297,19 +297,22 @@ class AtomShrinkHook(Hook):
                 f'{flops / 1e6:.3f}M, {params / 1e6:.3f}M params; per block '
                 f'{removed}; rows {archs}')
         if is_main_process():
-            with open(osp.join(runner.work_dir, 'searched_arch.json'), 'w') as f:
-                json.dump(archs, f)
+            # The result: written atomically, and a failure stops training.
+            atomic_write_json(osp.join(runner.work_dir, 'searched_arch.json'),
+                              archs)
             self._draw(runner, archs, flops, epoch, iteration)
 
     def _draw(self, runner, archs, flops, epoch, iteration):
-        """Architecture and FLOPs-curve PNGs to work_dir and vis backends."""
+        """Architecture and FLOPs-curve PNGs to work_dir and vis backends;
+        a picture that cannot be written is logged, training goes on."""
         images = {('arch' if len(archs) == 1 else f'arch_{path}'): draw_arch(
             arch, flops=flops,
             title=f'{path} after epoch {epoch}, iter {iteration}')
             for path, arch in archs.items()}
         images['flops'] = draw_flops_curve(self.history, x='iter')
         for name, img in images.items():
-            save_image(img, osp.join(runner.work_dir, f'{name}.png'))
+            save_image_or_warn(img, osp.join(runner.work_dir, f'{name}.png'),
+                               logger=runner.logger)
             runner.visualizer.add_image(name, img, step=runner.iter)
 
     @staticmethod
