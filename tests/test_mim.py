@@ -86,6 +86,7 @@ def wheel(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_wheel_ships_mim_files(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     mim = {n[len('atomnas_mm/.mim/'):] for n in names
@@ -114,6 +115,7 @@ print(json.dumps(dict(installed=is_installed('atomnas_mm'), path=path,
 '''
 
 
+@pytest.mark.slow
 def test_mim_finds_installed_package(wheel, tmp_path):
     """mim (offline) finds configs, tools and the model index of the wheel."""
     site = tmp_path / 'site'
@@ -137,6 +139,63 @@ def test_mim_finds_installed_package(wheel, tmp_path):
         assert model['imagenet-1k/top_1_accuracy'] == PUBLISHED[arch]['top1']
 
 
+@pytest.mark.slow
+def test_mim_finds_this_environment_s_install(tmp_path):
+    """mim finds atomnas_mm in the running environment, as tools/install.sh
+    set it up (editable: site-packages/atomnas_mm links to the sources)."""
+    env = dict(os.environ, PYTHONWARNINGS='ignore')
+    env.pop('PYTHONPATH', None)
+    out = subprocess.run([PYTHON, '-c', MIM_CHECK], env=env, cwd=str(tmp_path),
+                         check=True, capture_output=True, text=True,
+                         timeout=120).stdout
+    found = json.loads(out.strip().splitlines()[-1])
+    assert found['installed']
+    assert osp.isfile(osp.join(found['path'], '.mim', 'tools', 'train.py')), (
+        f'mim looks in {found["path"]}, which has no .mim/tools/train.py: '
+        'run `bash tools/install.sh`')
+    assert set(found['models']) == set(MODELS)
+    if osp.islink(found['path']):   # the link install.sh made: pip owns it
+        from importlib import metadata
+        record = [f for f in metadata.distribution('atomnas_mm').files
+                  if f.name == 'RECORD'][0].locate()
+        with open(record) as f:
+            assert 'atomnas_mm,,' in f.read().splitlines()
+        assert osp.realpath(found['path']) == osp.join(ROOT, 'atomnas_mm')
+
+
+DEMO_OPTIONS = ['train_cfg.max_epochs=1', 'train_dataloader.dataset.indices=128',
+                'val_dataloader.dataset.indices=64',
+                'train_dataloader.num_workers=0',
+                'val_dataloader.num_workers=0',
+                'train_dataloader.persistent_workers=False',
+                'val_dataloader.persistent_workers=False',
+                'custom_hooks.3.num_batches=1']
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not osp.isdir('/usr/share/datasets/fashion-mnist'),
+                    reason='needs the Debian package dataset-fashion-mnist')
+def test_mim_train_demo_from_this_environment(tmp_path):
+    """`mim train atomnas_mm configs/demo/...` from another directory, with
+    the environment tools/install.sh made (the README's editable .venv)."""
+    env = dict(os.environ, PYTHONWARNINGS='ignore')
+    env.pop('PYTHONPATH', None)
+    mim = osp.join(osp.dirname(PYTHON), 'mim')
+    work_dir = tmp_path / 'work'
+    out = subprocess.run(
+        [mim, 'train', 'atomnas_mm', 'configs/demo/atomnas_fashion_mnist.py',
+         '--work-dir', str(work_dir), '--cfg-options'] + DEMO_OPTIONS + [
+         f'train_dataloader.dataset.cache_dir={tmp_path / "data"}',
+         f'val_dataloader.dataset.cache_dir={tmp_path / "data"}'],
+        env=env, cwd=str(tmp_path), capture_output=True, text=True,
+        timeout=600)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    assert osp.join('atomnas_mm', '.mim', 'tools', 'train.py') in out.stdout
+    assert (work_dir / 'epoch_1.pth').exists()
+    assert (work_dir / 'searched_arch.json').exists()
+
+
+@pytest.mark.slow
 @pytest.mark.skipif(not osp.isdir('/usr/share/datasets/fashion-mnist'),
                     reason='needs the Debian package dataset-fashion-mnist')
 def test_mim_train_demo(wheel, tmp_path):
@@ -150,15 +209,9 @@ def test_mim_train_demo(wheel, tmp_path):
     work_dir = tmp_path / 'work'
     out = subprocess.run(
         [mim, 'train', 'atomnas_mm', 'configs/demo/atomnas_fashion_mnist.py',
-         '--work-dir', str(work_dir), '--cfg-options',
-         'train_cfg.max_epochs=1', 'train_dataloader.dataset.indices=128',
-         'val_dataloader.dataset.indices=64',
+         '--work-dir', str(work_dir), '--cfg-options'] + DEMO_OPTIONS + [
          f'train_dataloader.dataset.cache_dir={tmp_path / "data"}',
-         f'val_dataloader.dataset.cache_dir={tmp_path / "data"}',
-         'train_dataloader.num_workers=0', 'val_dataloader.num_workers=0',
-         'train_dataloader.persistent_workers=False',
-         'val_dataloader.persistent_workers=False',
-         'custom_hooks.3.num_batches=1'],
+         f'val_dataloader.dataset.cache_dir={tmp_path / "data"}'],
         env=env, cwd=str(tmp_path), capture_output=True, text=True,
         timeout=600)
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
