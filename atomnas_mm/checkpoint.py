@@ -17,13 +17,43 @@ any allowlisted object, so instead:
   every other lookup.
 * The remaining harmless types (``HistoryBuffer``, numpy arrays, scalars and
   dtypes) are allowlisted. ``weights_only`` stays on for every file.
+
+It also makes checkpoints safe to write and clear to read:
+
+* :class:`SafeCheckpointHook` (``atomnas_mm.SafeCheckpointHook``, used by the
+  shipped configs): mmengine's CheckpointHook with atomic writes and with
+  outdated checkpoints removed only after the new one and ``last_checkpoint``
+  are in place, so a kill at any moment leaves a checkpoint that ``--resume``
+  finds.
+* mmengine's local checkpoint loader (``CheckpointLoader`` scheme ``''``,
+  behind ``Runner.load_checkpoint``/``resume``, ``load_from``,
+  ``mmengine.runner.load_checkpoint``, ``init_cfg=Pretrained`` and
+  ``mmpretrain.get_model(pretrained=...)``) is replaced by
+  :func:`load_from_local`: it checks the CRC-32 of every record of a zip
+  checkpoint and raises :class:`UnreadableCheckpointError` naming the file
+  for an empty, truncated, corrupted or foreign file.
+* ``mmengine.runner.checkpoint.load_state_dict`` is wrapped by
+  :func:`load_state_dict`: for a model holding an AtomNAS backbone, missing
+  and unexpected keys and shape mismatches raise
+  :class:`CheckpointMismatchError` naming the keys instead of a warning.
 """
 import copyreg
+import os.path as osp
 import pickle
+import zipfile
 
+import mmengine.runner
+import mmengine.runner.checkpoint as mm_checkpoint
 import numpy as np
 import torch
+from mmengine.dist import is_main_process
+from mmengine.hooks import CheckpointHook
 from mmengine.logging.history_buffer import HistoryBuffer
+from mmengine.model import BaseTTAModel, is_model_wrapper
+from mmengine.runner.checkpoint import CheckpointLoader
+
+from .fileio import ATOMIC_BACKEND, atomic_write_text, remove_stale_temp_files
+from .registry import HOOKS
 
 
 _STATISTICS = ('min', 'max', 'current', 'mean')  # HistoryBuffer's defaults
@@ -65,3 +95,367 @@ SAFE_GLOBALS = [
 
 copyreg.pickle(HistoryBuffer, _reduce_history_buffer)
 torch.serialization.add_safe_globals(SAFE_GLOBALS)
+
+
+# -- reading --------------------------------------------------------------
+class UnreadableCheckpointError(pickle.UnpicklingError):
+    """A file that is not a readable checkpoint.
+
+    Empty, truncated or corrupted files, files that are no checkpoint, and
+    files holding objects that ``torch.load(weights_only=True)`` refuses. A
+    subclass of ``pickle.UnpicklingError``, which torch raises for the last.
+    """
+
+
+def _zip_check(filename):
+    """``(damage, verified)`` of a file: why it is a damaged zip checkpoint
+    (None if it is not) and whether the CRC-32 of its records were checked.
+
+    A zip checkpoint (torch's format since 1.6) carries a CRC-32 per record;
+    reading them all finds truncation and flipped bytes anywhere in the file,
+    tensor data included (``torch.load`` does not check them).
+    """
+    with open(filename, 'rb') as f:
+        magic = f.read(4)
+    if not magic:
+        return 'an empty file', False
+    if not zipfile.is_zipfile(filename):
+        return ('truncated: a zip checkpoint without its central directory'
+                if magic == b'PK\x03\x04' else None), False
+    try:
+        with zipfile.ZipFile(filename) as archive:
+            if not any(info.CRC for info in archive.infolist()):
+                return None, False  # written without CRC-32 (torch's config)
+            bad = archive.testzip()
+    except Exception as e:  # noqa: B902  (any damage of the zip structure)
+        return f'damaged zip structure ({type(e).__name__}: {e})', False
+    if bad is not None:
+        return f'record {bad!r} fails its CRC-32 check', False
+    return None, True
+
+
+def _first_line(error):
+    """The telling line of a torch.load error (its messages are long)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    for line in lines:
+        if 'WeightsUnpickler error' in line:
+            return line
+    return f'{type(error).__name__}: {lines[0] if lines else ""}'.rstrip(': ')
+
+
+def read_checkpoint(filename, map_location=None):
+    """``torch.load(filename, weights_only=True)`` with clear errors.
+
+    Args:
+        filename (str): A local checkpoint file.
+        map_location: As for :func:`torch.load`.
+
+    Returns:
+        The loaded object.
+
+    Raises:
+        UnreadableCheckpointError: The file is empty, truncated, corrupted,
+            not a checkpoint, or holds objects weights_only refuses. The
+            message names the file.
+    """
+    damage, verified = _zip_check(filename)
+    if damage is None:
+        try:
+            return torch.load(filename, map_location=map_location,
+                              weights_only=True)
+        except pickle.UnpicklingError as e:
+            if verified:  # intact: a refusal
+                raise UnreadableCheckpointError(
+                    f'{filename} is not a readable checkpoint: '
+                    'torch.load(weights_only=True) refuses what it holds '
+                    f'({_first_line(e)}). Load it with weights_only=False '
+                    'only if you trust where it comes from.') from e
+            damage = _first_line(e)
+        except Exception as e:  # noqa: B902  (any reader failure)
+            # An intact file fails for other reasons (e.g. map_location),
+            # unless it is a zip file but no torch checkpoint.
+            if verified and 'PytorchStreamReader' not in str(e):
+                raise
+            damage = _first_line(e)
+    raise UnreadableCheckpointError(
+        f'{filename} is not a readable checkpoint ({damage}). It is empty, '
+        'truncated or corrupted (e.g. by a kill or a full disk while it was '
+        'written), or not a checkpoint; use another checkpoint.')
+
+
+def load_from_local(filename, map_location):
+    """mmengine's loader for local paths, with :func:`read_checkpoint`."""
+    filename = osp.expanduser(filename)
+    if not osp.isfile(filename):
+        raise FileNotFoundError(f'{filename} can not be found.')
+    return read_checkpoint(filename, map_location)
+
+
+CheckpointLoader.register_scheme(prefixes='', loader=load_from_local,
+                                 force=True)
+
+
+# -- loading into a model ---------------------------------------------------
+class CheckpointMismatchError(RuntimeError):
+    """A state_dict that does not fit a model holding an AtomNAS backbone."""
+
+
+def _unwrap(module):
+    while is_model_wrapper(module) or isinstance(module, BaseTTAModel):
+        module = module.module
+    return module
+
+
+def _atomnas_backbones(module):
+    """``{state-dict prefix: backbone}`` of the AtomNAS backbones in
+    ``module`` (prefix ``'backbone.'``, or ``''`` for the backbone itself)."""
+    from .models import AtomNAS
+    return {f'{name}.' if name else '': m for name, m in
+            _unwrap(module).named_modules() if isinstance(m, AtomNAS)}
+
+
+def atomnas_prefixes(module):
+    """State-dict prefixes of the AtomNAS backbones in ``module``."""
+    return list(_atomnas_backbones(module))
+
+
+def key_mismatches(module, state_dict, skip=()):
+    """Missing keys, unexpected keys and shape mismatches of a state_dict.
+
+    Args:
+        module (nn.Module): The model (wrappers are looked through).
+        state_dict (Mapping): Keys relative to ``module``.
+        skip (Sequence[str]): Key prefixes to leave out.
+
+    Returns:
+        tuple[list, list, list]: Missing keys (BN ``num_batches_tracked``
+        left out, as mmengine does), unexpected keys, and
+        ``(key, checkpoint shape, model shape)`` triples.
+    """
+    own = _unwrap(module).state_dict()
+
+    def kept(key):
+        return not any(key.startswith(p) for p in skip)
+
+    missing = [k for k in own if k not in state_dict and kept(k)
+               and not k.endswith('num_batches_tracked')]
+    unexpected = [k for k in state_dict if k not in own and kept(k)]
+    shapes = [(k, tuple(state_dict[k].shape), tuple(own[k].shape))
+              for k in own if k in state_dict and kept(k)
+              and hasattr(state_dict[k], 'shape')
+              and tuple(state_dict[k].shape) != tuple(own[k].shape)]
+    return missing, unexpected, shapes
+
+
+def _listed(keys, limit=6, sep=', '):
+    more = f'{sep}... ({len(keys) - limit} more)' if len(keys) > limit else ''
+    return sep.join(map(str, keys[:limit])) + more
+
+
+def _mismatch_message(missing, unexpected, shapes, prefixes):
+    parts = []
+    if missing:
+        parts.append(f'{len(missing)} keys missing from the checkpoint '
+                     f'({_listed(missing)})')
+    if unexpected:
+        parts.append(f'{len(unexpected)} unexpected keys ('
+                     f'{_listed(unexpected)})')
+    if shapes:
+        parts.append(f'{len(shapes)} shape mismatches (' + _listed(
+            [f'{k}: checkpoint {c}, model {m}' for k, c, m in shapes],
+            sep='; ') + ')')
+    backbones = ', '.join(repr(p.rstrip('.')) for p in prefixes)
+    message = ('The checkpoint does not fit the model with the AtomNAS '
+               f'backbone {backbones}: ' + '; '.join(parts) + '.')
+    lacked = [m[:-len(u)] for m in missing for u in unexpected
+              if m.endswith('.' + u)]
+    carried = [u[:-len(m)] for m in missing for u in unexpected
+               if u.endswith('.' + m)]
+    if lacked:
+        prefix = lacked[0]
+        message += (f" Its keys lack the prefix {prefix!r} (a state_dict of "
+                    "the bare backbone?): load it into the backbone with "
+                    f"model.{prefix.rstrip('.')}.init_cfg=dict("
+                    "type='Pretrained', checkpoint=<file>).")
+    elif carried:
+        message += (f' Its keys carry the prefix {carried[0]!r}: use '
+                    "init_cfg=dict(type='Pretrained', checkpoint=<file>, "
+                    f'prefix={carried[0]!r}).')
+    elif any(not any(k.startswith(p) for p in prefixes if p)
+             for k, _, _ in shapes):
+        message += (' The layers outside the backbone differ (e.g. another '
+                    'num_classes): to take only the backbone weights, set '
+                    "model.backbone.init_cfg=dict(type='Pretrained', "
+                    "checkpoint=<file>, prefix='backbone.') instead of "
+                    'load_from.')
+    return message
+
+
+def check_state_dict(module, state_dict, skip=()):
+    """Raise if ``state_dict`` does not fit ``module`` exactly.
+
+    Raises:
+        CheckpointMismatchError: Naming the missing and unexpected keys and
+            the shape mismatches (see :func:`key_mismatches`).
+    """
+    missing, unexpected, shapes = key_mismatches(module, state_dict, skip)
+    if missing or unexpected or shapes:
+        raise CheckpointMismatchError(_mismatch_message(
+            missing, unexpected, shapes, atomnas_prefixes(module)))
+
+
+_mmengine_load_state_dict = getattr(mm_checkpoint.load_state_dict,
+                                    '__wrapped__',
+                                    mm_checkpoint.load_state_dict)
+
+
+def load_state_dict(module, state_dict, strict=False, logger=None):
+    """mmengine's ``load_state_dict``, strict for AtomNAS models.
+
+    For a module without an AtomNAS backbone it is mmengine's function. For
+    one with, every key must be in both and shapes must agree, whatever
+    ``strict`` says. What can be decided before loading (the layers outside
+    the backbones, a backbone without any key in the checkpoint) is checked
+    first, so such a checkpoint is not loaded at all; the backbones reshape
+    themselves to the checkpoint's architecture while loading and are
+    checked after.
+
+    ``init_cfg=dict(type='Pretrained', prefix='backbone.')`` loads the
+    backbone part of a checkpoint into the backbone: all of the backbone's
+    keys must be there, the rest of the checkpoint is not looked at.
+
+    Raises:
+        CheckpointMismatchError: See :func:`check_state_dict`.
+    """
+    backbones = _atomnas_backbones(module)
+    if not backbones:
+        return _mmengine_load_state_dict(module, state_dict, strict, logger)
+    # A backbone is in the checkpoint when some of its keys are (those of
+    # the stem are in every architecture); it is checked after loading.
+    present = [p for p, m in backbones.items()
+               if any(p + k in state_dict for k in m.state_dict())]
+    check_state_dict(module, state_dict, skip=present)
+    _mmengine_load_state_dict(module, state_dict, strict, logger)
+    check_state_dict(module, state_dict)
+
+
+load_state_dict.__wrapped__ = _mmengine_load_state_dict
+mm_checkpoint.load_state_dict = load_state_dict
+mmengine.runner.load_state_dict = load_state_dict
+
+
+# -- writing -----------------------------------------------------------------
+class _DeferRemoval:
+    """A file backend whose ``remove``/``rmtree`` only note the path."""
+
+    def __init__(self, backend, pending):
+        self._backend, self._pending = backend, pending
+
+    def remove(self, path):
+        self._pending.append(path)
+
+    rmtree = remove
+
+    def __getattr__(self, name):
+        return getattr(self._backend, name)
+
+
+@HOOKS.register_module()
+class SafeCheckpointHook(CheckpointHook):
+    """mmengine's CheckpointHook that a kill at any moment cannot break.
+
+    Same arguments, files and ``last_checkpoint`` as
+    :class:`mmengine.hooks.CheckpointHook`, with three changes:
+
+    * a checkpoint (and a best checkpoint) is written to a temporary file in
+      ``out_dir``, fsynced and renamed over its name
+      (:class:`atomnas_mm.fileio.AtomicLocalBackend`), so a file with a
+      checkpoint's name is always complete;
+    * ``last_checkpoint`` is written the same way, after the checkpoint;
+    * outdated checkpoints (beyond ``max_keep_ckpts``, the previous best)
+      are removed only after that. The paths to remove are stored in the
+      message hub of the new checkpoint, so that removals a kill
+      interrupted are done when the run resumes, with the temporary files
+      a kill left.
+
+    With ``backend_args`` for another storage backend or ``out_dir`` a URL,
+    the writes go through that backend (object stores replace whole files)
+    and only the order of writes and removals changes.
+    """
+
+    PENDING_KEY = 'atomnas_stale_checkpoints'
+
+    def before_train(self, runner):
+        local = self.out_dir is None or '://' not in str(self.out_dir)
+        self.atomic = (local and self.file_client_args is None
+                       and self.backend_args in (None, dict(backend='local')))
+        if self.atomic:
+            self.backend_args = dict(backend=ATOMIC_BACKEND)
+        super().before_train(runner)
+        self._pending = list(runner.message_hub.get_info(self.PENDING_KEY)
+                             or [])
+        if is_main_process():
+            if self.atomic:
+                ext = osp.splitext(self.filename_tmpl)[1]
+                remove_stale_temp_files(
+                    self.out_dir, lambda name: name.endswith(ext))
+                remove_stale_temp_files(
+                    runner.work_dir, lambda name: name == 'last_checkpoint')
+            self._remove_pending(runner)
+
+    def _path(self, step):
+        return self.file_backend.join_path(self.out_dir,
+                                           self.filename_tmpl.format(step))
+
+    def _current(self):
+        """Checkpoints in use: never removed."""
+        paths = {self.last_ckpt, getattr(self, 'best_ckpt_path', None)}
+        paths.update(getattr(self, 'best_ckpt_path_dict', {}).values())
+        paths.update(self._path(s) for s in getattr(self, 'keep_ckpt_ids', ()))
+        return paths
+
+    def _remove_pending(self, runner):
+        if is_main_process():
+            backend = getattr(self.file_backend, '_backend', self.file_backend)
+            current = self._current()
+            for path in dict.fromkeys(self._pending):
+                if path in current:
+                    continue
+                if backend.isfile(path):
+                    backend.remove(path)
+                elif backend.isdir(path):  # deepspeed checkpoints
+                    backend.rmtree(path)
+        self._pending.clear()
+        runner.message_hub.update_info(self.PENDING_KEY, [])
+
+    def _save_checkpoint_with_step(self, runner, step, meta):
+        ids = getattr(self, 'keep_ckpt_ids', None)
+        if self.max_keep_ckpts > 0 and not (ids and ids[-1] == step):
+            if len(ids) == self.max_keep_ckpts:
+                self._pending.append(self._path(ids.popleft()))
+            ids.append(step)
+            runner.message_hub.update_info('keep_ckpt_ids', list(ids))
+        runner.message_hub.update_info(self.PENDING_KEY, list(self._pending))
+        filename = self.filename_tmpl.format(step)
+        self.last_ckpt = self.file_backend.join_path(self.out_dir, filename)
+        runner.message_hub.update_info('last_ckpt', self.last_ckpt)
+        runner.save_checkpoint(
+            self.out_dir, filename, self.file_client_args,
+            save_optimizer=self.save_optimizer,
+            save_param_scheduler=self.save_param_scheduler, meta=meta,
+            by_epoch=self.by_epoch, backend_args=self.backend_args,
+            **self.args)
+        if is_main_process():
+            atomic_write_text(osp.join(runner.work_dir, 'last_checkpoint'),
+                              self.last_ckpt)
+        self._remove_pending(runner)
+
+    def _save_best_checkpoint(self, runner, metrics):
+        backend = self.file_backend
+        self.file_backend = _DeferRemoval(backend, self._pending)
+        try:
+            super()._save_best_checkpoint(runner, metrics)
+        finally:
+            self.file_backend = backend
+        if self._pending:
+            self._remove_pending(runner)
