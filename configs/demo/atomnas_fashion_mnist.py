@@ -12,14 +12,13 @@ _base_ = ['../_base_/default_runtime.py']
 
 custom_imports = dict(imports=['atomnas_mm'], allow_failed_imports=False)
 
-# [out_channels, repeats, stride, kernel_sizes, hidden_per_kernel, has_expand]
-supernet_rows = [
-    [16, 1, 1, [3], [16], False],
-    [24, 1, 2, [3, 5, 7], [48, 48, 48], True],
-    [24, 1, 1, [3, 5, 7], [72, 72, 72], True],
-    [40, 1, 2, [3, 5, 7], [72, 72, 72], True],
-    [40, 1, 1, [3, 5, 7], [120, 120, 120], True],
-    [64, 1, 1, [3, 5, 7], [120, 120, 120], True],
+# The demo search space as a stage table (docs/method.md, "Search space"):
+# [expand_ratio, out_channels, depth, first stride, kernel_sizes]
+supernet_stages = [
+    [1, 16, 1, 1, [3]],
+    [3, 24, 2, 2, [3, 5, 7]],
+    [3, 40, 2, 2, [3, 5, 7]],
+    [3, 64, 1, 1, [3, 5, 7]],
 ]
 image_size = 28
 
@@ -28,7 +27,7 @@ model = dict(
     data_preprocessor=dict(num_classes=10, mean=[72.94], std=[90.02]),
     backbone=dict(
         type='atomnas_mm.AtomNAS',
-        arch=dict(rows=supernet_rows, stem_channels=16, last_channels=256),
+        arch=dict(stages=supernet_stages, stem_channels=16, last_channels=256),
         in_channels=1),
     neck=dict(type='GlobalAveragePooling'),
     head=dict(
@@ -95,6 +94,7 @@ custom_hooks = [
 
 default_hooks = dict(
     logger=dict(type='LoggerHook', interval=50),
-    checkpoint=dict(type='CheckpointHook', interval=1, max_keep_ckpts=1))
+    checkpoint=dict(type='atomnas_mm.SafeCheckpointHook', interval=1,
+                    max_keep_ckpts=1))
 env_cfg = dict(dist_cfg=dict(backend='gloo'))
 randomness = dict(seed=0, deterministic=False)

@@ -45,3 +45,6 @@ model = dict(
         init_cfg=dict(
             type='Pretrained', checkpoint=pretrained, prefix='backbone.')),
     neck=dict(in_channels=[24, 40, 96, 320]))
+
+# Checkpoints written atomically (a kill cannot leave a broken last one).
+default_hooks = dict(checkpoint=dict(type='atomnas_mm.SafeCheckpointHook'))
