@@ -17,3 +17,9 @@ TINY_ARCH = dict(
 def tiny_arch():
     """A small AtomNAS arch dict (3 stages, head 32); do not mutate it."""
     return copy.deepcopy(TINY_ARCH)
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        'markers', 'slow: end-to-end tests in subprocesses (deselect with '
+        '-m "not slow")')

@@ -1,19 +1,25 @@
 """Runner checkpoints of AtomNAS load with ``torch.load(weights_only=True)``.
 
 Nothing here turns weights_only off: torch >= 2.6 loads with it by default,
-and mmengine's loaders call ``torch.load`` without the argument.
+and atomnas_mm's local loader passes ``weights_only=True``. Damaged files
+raise an error naming them; checkpoints that do not fit a model with an
+AtomNAS backbone raise an error naming the keys.
 """
 import copy
 import copyreg
 import io
+import os
 import os.path as osp
 import pickle
 import pickletools
+import subprocess
+import sys
 import zipfile
 from collections import OrderedDict
 
 import pytest
 import torch
+from mmengine.config import Config
 from mmengine.hooks import Hook
 from mmengine.logging.history_buffer import HistoryBuffer
 from mmengine.registry import DefaultScope
@@ -23,6 +29,10 @@ from mmpretrain.structures import DataSample
 from torch.utils.data import Dataset
 
 import atomnas_mm.checkpoint  # noqa: F401  (the allowlist under test)
+from atomnas_mm.checkpoint import (CheckpointMismatchError,
+                                   UnreadableCheckpointError)
+
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
 # Globals a checkpoint may name: torch's tensors, the message hub's
 # HistoryBuffer and numpy arrays/scalars. No callables beyond these.
@@ -61,14 +71,16 @@ class RecordHook(Hook):
         self.end = copy.deepcopy(runner.model.state_dict())
 
 
-def model_cfg(arch):
+def model_cfg(arch, num_classes=2, **backbone):
     return dict(
         type='ImageClassifier',
-        data_preprocessor=dict(type='ClsDataPreprocessor', num_classes=2,
+        data_preprocessor=dict(type='ClsDataPreprocessor',
+                               num_classes=num_classes,
                                mean=[127.5] * 3, std=[127.5] * 3),
-        backbone=dict(type='atomnas_mm.AtomNAS', arch=arch),
+        backbone=dict(type='atomnas_mm.AtomNAS', arch=arch, **backbone),
         neck=dict(type='GlobalAveragePooling'),
-        head=dict(type='LinearClsHead', num_classes=2, in_channels=32))
+        head=dict(type='LinearClsHead', num_classes=num_classes,
+                  in_channels=32))
 
 
 def runner_cfg(arch, work_dir, name, max_iters, **kwargs):
@@ -236,3 +248,254 @@ def test_history_buffer_deepcopy_keeps_data():
     copied = copy.deepcopy(history)
     assert copied.data[0].tolist() == [1.0, 2.0] and copied.max() == 2.0
     assert 'statistics_methods' not in vars(copied)
+
+
+# -- damaged files ------------------------------------------------------------
+def record_offset(path, suffix):
+    """Byte offset of the data of the zip record ending in ``suffix``."""
+    with zipfile.ZipFile(path) as archive:
+        info = next(i for i in archive.infolist()
+                    if i.filename.endswith(suffix))
+    with open(path, 'rb') as f:
+        f.seek(info.header_offset + 26)
+        name_len, extra_len = (int.from_bytes(f.read(2), 'little')
+                               for _ in range(2))
+    return info.header_offset + 30 + name_len + extra_len
+
+
+def flipped(data, offset):
+    data = bytearray(data)
+    data[offset] ^= 0x10
+    return bytes(data)
+
+
+@pytest.fixture(scope='module')
+def damaged(trained, tmp_path_factory):
+    """Damaged copies of the trained checkpoint: {kind: path}."""
+    folder = tmp_path_factory.mktemp('damaged')
+    with open(trained['path'], 'rb') as f:
+        data = f.read()
+    weights = record_offset(trained['path'], 'data/0') + 5
+    pickled = record_offset(trained['path'], 'data.pkl') + 40
+    contents = dict(
+        empty=b'', text='epoch 3, top-1 81.6 \u00e9\n'.encode('latin-1'),
+        truncated=data[:len(data) // 2], truncated_end=data[:-10],
+        flipped_weights=flipped(data, weights),
+        flipped_pickle=flipped(data, pickled))
+    paths = {}
+    for kind, content in contents.items():
+        paths[kind] = str(folder / f'{kind}.pth')
+        with open(paths[kind], 'wb') as f:
+            f.write(content)
+    return paths
+
+
+KINDS = ['empty', 'text', 'truncated', 'truncated_end', 'flipped_weights',
+         'flipped_pickle']
+
+
+def unreadable(path):
+    return pytest.raises(UnreadableCheckpointError,
+                         match=f'{path} is not a readable checkpoint')
+
+
+def test_flipped_bytes_load_silently_with_torch(damaged):
+    """Why the CRC check: torch.load does not notice a flipped weight."""
+    torch.load(damaged['flipped_weights'], weights_only=True)
+
+
+@pytest.mark.parametrize('kind', KINDS)
+def test_damaged_file_named_by_mmengine_loaders(damaged, kind, tiny_arch,
+                                                tmp_path):
+    path = damaged[kind]
+    with DefaultScope.overwrite_default_scope('mmpretrain'):
+        model = MODELS.build(model_cfg(tiny_arch))
+    with unreadable(path):
+        load_checkpoint(model, path)
+    runner = Runner(model=model_cfg(tiny_arch), work_dir=str(tmp_path),
+                    experiment_name=f'damaged_{kind}',
+                    default_scope='mmpretrain')
+    with unreadable(path):
+        runner.load_checkpoint(path)
+    from mmpretrain import get_model
+    with unreadable(path):
+        get_model(Config(dict(model=model_cfg(tiny_arch))), pretrained=path)
+    with DefaultScope.overwrite_default_scope('mmpretrain'):
+        backbone = MODELS.build(model_cfg(tiny_arch, init_cfg=dict(
+            type='Pretrained', checkpoint=path, prefix='backbone.')))
+    with unreadable(path):
+        backbone.init_weights()
+
+
+@pytest.mark.parametrize('resume', [False, True])
+def test_damaged_file_named_by_load_from_and_resume(trained, damaged, tmp_path,
+                                                    resume):
+    path = damaged['truncated']
+    cfg = dict(trained['cfg'], work_dir=str(tmp_path), load_from=path,
+               resume=resume, experiment_name=f'damaged_resume_{resume}')
+    with unreadable(path):
+        train(cfg)
+
+
+class Shell:
+    """Pickles as a shell command."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f'touch {self.marker}', )
+
+
+def test_code_in_checkpoint_is_refused(tmp_path, tiny_arch):
+    path, marker = str(tmp_path / 'evil.pth'), tmp_path / 'ran'
+    torch.save(dict(state_dict={}, meta=Shell(marker)), path)
+    with DefaultScope.overwrite_default_scope('mmpretrain'):
+        model = MODELS.build(model_cfg(tiny_arch))
+    with pytest.raises(pickle.UnpicklingError,
+                       match=f'{path} is not a readable checkpoint: '
+                       r'torch.load\(weights_only=True\) refuses'):
+        load_checkpoint(model, path)
+    assert not marker.exists()
+
+
+@pytest.mark.slow
+def test_damaged_file_named_by_test_tool(damaged, tmp_path):
+    """tools/test.py stops with the file named (before any data is read)."""
+    config = tmp_path / 'toy.py'
+    config.write_text(
+        "_base_ = ['%s']\n"
+        "test_dataloader = dict(dataset=dict(data_root='%s'))\n" % (
+            osp.join(ROOT, 'configs/demo/atomnas_fashion_mnist.py'),
+            tmp_path / 'no_data'))
+    path = damaged['flipped_pickle']
+    out = subprocess.run(
+        [sys.executable, osp.join(ROOT, 'tools/test.py'), str(config), path,
+         '--work-dir', str(tmp_path / 'work')],
+        capture_output=True, text=True, timeout=600, cwd=str(tmp_path))
+    assert out.returncode != 0
+    assert f'{path} is not a readable checkpoint' in out.stderr, \
+        out.stderr[-3000:]
+
+
+# -- checkpoints that do not fit the model ------------------------------------
+def build(cfg):
+    with DefaultScope.overwrite_default_scope('mmpretrain'):
+        return MODELS.build(cfg)
+
+
+@pytest.fixture(scope='module')
+def variants(trained, tmp_path_factory):
+    """The trained checkpoint as a bare backbone state_dict, and whole."""
+    folder = tmp_path_factory.mktemp('variants')
+    state = torch.load(trained['path'], weights_only=True)['state_dict']
+    bare = {k[len('backbone.'):]: v for k, v in state.items()
+            if k.startswith('backbone.')}
+    paths = dict(whole=trained['path'], bare=str(folder / 'bare.pth'))
+    torch.save(dict(state_dict=bare), paths['bare'])
+    return paths, state
+
+
+def test_keys_without_backbone_prefix_raise(variants, tiny_arch):
+    paths, _ = variants
+    model = build(model_cfg(tiny_arch))
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(CheckpointMismatchError) as error:
+        load_checkpoint(model, paths['bare'])
+    message = str(error.value)
+    assert 'backbone.conv1.conv.weight' in message  # a missing key
+    assert 'conv1.conv.weight' in message.split('unexpected keys')[1]
+    assert "lack the prefix 'backbone.'" in message
+    assert_state_equal(model.state_dict(), before)  # nothing was loaded
+
+
+def test_head_with_other_classes_raises(variants, tiny_arch, tmp_path):
+    paths, _ = variants
+    model = build(model_cfg(tiny_arch, num_classes=3))
+    with pytest.raises(CheckpointMismatchError,
+                       match=r'head\.fc\.weight: checkpoint \(2, 32\), '
+                       r'model \(3, 32\).*prefix=.backbone\..'):
+        load_checkpoint(model, paths['whole'])
+    from mmpretrain import get_model
+    with pytest.raises(CheckpointMismatchError, match='head.fc.bias'):
+        get_model(Config(dict(model=model_cfg(tiny_arch, num_classes=3))),
+                  pretrained=paths['whole'])
+
+
+@pytest.mark.parametrize('ema', [False, True])
+def test_load_from_of_other_head_raises(trained, tmp_path, tiny_arch, ema):
+    cfg = dict(trained['cfg'], work_dir=str(tmp_path),
+               model=model_cfg(tiny_arch, num_classes=3),
+               load_from=trained['path'], experiment_name=f'other_head_{ema}')
+    if not ema:
+        cfg['custom_hooks'] = []
+    # mmpretrain's EMAHook loads the EMA copy first, with torch's strict
+    # load_state_dict: its RuntimeError names the keys as well.
+    error = RuntimeError if ema else CheckpointMismatchError
+    with pytest.raises(error, match='head.fc.weight'):
+        train(cfg)
+
+
+def test_pretrained_backbone_prefix_loads_only_backbone(variants, tiny_arch):
+    """mmdet's way: init_cfg=Pretrained with prefix='backbone.' takes the
+    backbone of a classifier with another head."""
+    paths, state = variants
+    model = build(model_cfg(tiny_arch, num_classes=5, init_cfg=dict(
+        type='Pretrained', checkpoint=paths['whole'], prefix='backbone.')))
+    model.init_weights()
+    backbone = {k: v for k, v in state.items() if k.startswith('backbone.')}
+    loaded = {k: v for k, v in model.state_dict().items()
+              if k.startswith('backbone.')}
+    assert_state_equal(loaded, backbone)
+    assert model.head.fc.weight.shape == (5, 32)
+
+
+def test_pretrained_bare_backbone_without_prefix(variants, tiny_arch):
+    paths, state = variants
+    model = build(model_cfg(tiny_arch, init_cfg=dict(
+        type='Pretrained', checkpoint=paths['bare'])))
+    model.init_weights()
+    assert torch.equal(model.backbone.conv1.conv.weight,
+                       state['backbone.conv1.conv.weight'])
+    # The whole classifier without prefix into the backbone: named keys.
+    model = build(model_cfg(tiny_arch, init_cfg=dict(
+        type='Pretrained', checkpoint=paths['whole'])))
+    with pytest.raises(CheckpointMismatchError,
+                       match="carry the prefix 'backbone.'"):
+        model.init_weights()
+
+
+def test_backbone_of_other_width_raises(variants, tiny_arch):
+    """A shape the backbone cannot take is an error, not a warning."""
+    paths, state = variants
+    bad = dict(state)
+    bad['backbone.conv1.conv.weight'] = torch.zeros(8, 3, 3, 1)
+    path = paths['bare'].replace('bare', 'bad_stem')
+    torch.save(dict(state_dict=bad), path)
+    model = build(model_cfg(tiny_arch))
+    with pytest.raises((CheckpointMismatchError, ValueError),
+                       match='conv1.conv.weight'):
+        load_checkpoint(model, path)
+
+
+def test_num_batches_tracked_may_be_missing(variants, tiny_arch):
+    """As in mmengine, BN counters missing from a checkpoint are no error."""
+    _, state = variants
+    model = build(model_cfg(tiny_arch))
+    missing, unexpected, shapes = atomnas_mm.checkpoint.key_mismatches(
+        model, {k: v for k, v in state.items()
+                if not k.endswith('num_batches_tracked')})
+    assert (missing, unexpected, shapes) == ([], [], [])
+    missing, _, _ = atomnas_mm.checkpoint.key_mismatches(
+        model, {k: v for k, v in state.items() if k != 'head.fc.bias'})
+    assert missing == ['head.fc.bias']
+
+
+def test_other_models_keep_mmengine_warnings(tmp_path):
+    """Models without an AtomNAS backbone load as mmengine loads them."""
+    model = torch.nn.Sequential(torch.nn.Linear(2, 3))
+    path = str(tmp_path / 'other.pth')
+    torch.save(dict(state_dict={'0.weight': torch.zeros(3, 2),
+                                'extra': torch.zeros(1)}), path)
+    load_checkpoint(model, path)  # a warning only
+    assert torch.equal(model[0].weight, torch.zeros(3, 2))
