@@ -28,6 +28,13 @@ def current_archs(model):
     return {path: m.arch_dict() for path, m in find_backbones(model).items()}
 
 
+def is_single_optim_wrapper(optim_wrapper):
+    """Whether ``optim_wrapper`` is one built OptimWrapper (OptimWrapperDict
+    subclasses OptimWrapper but holds several)."""
+    return isinstance(optim_wrapper, OptimWrapper) and not isinstance(
+        optim_wrapper, OptimWrapperDict)
+
+
 def backbone_cost(model, cost):
     """Total ``cost`` of the AtomNAS backbones of ``model`` (the task model
     itself is not run)."""
@@ -70,6 +77,8 @@ class AtomShrinkHook(Hook):
             target is reached.
         tolerance (float): With ``target``: the net ends within
             ``[target, target * (1 + tolerance)]``.
+        latency_table (str, optional): With ``target=dict(latency_ms=...)``:
+            the latency table of the deployment device.
     """
 
     # Before EMAHook (ABOVE_NORMAL in mmpretrain configs), so that
@@ -79,7 +88,7 @@ class AtomShrinkHook(Hook):
     def __init__(self, threshold=None, min_removed_flops=None, interval=1,
                  by_epoch=True, input_size=224, final_shrink=True,
                  criterion=None, trigger=None, cost=None, target=None,
-                 deadline=0.5, tolerance=0.02):
+                 deadline=0.5, tolerance=0.02, latency_table=None):
         for name, given, part in (('threshold', threshold, criterion),
                                   ('min_removed_flops', min_removed_flops,
                                    trigger)):
@@ -97,8 +106,9 @@ class AtomShrinkHook(Hook):
         if target is not None:
             if cost is not None:
                 raise ValueError('cost: a target brings its own cost model')
-            self.controller = BudgetController(target, deadline, tolerance,
-                                               input_size=input_size)
+            self.controller = BudgetController(
+                target, deadline, tolerance, input_size=input_size,
+                latency_table=latency_table)
             cost = self.controller.cost
         self.cost = build_part(cost, FLOPsCost(input_size), 'cost')
         self.interval = check_number('interval', interval, 1, integer=True)
@@ -123,7 +133,7 @@ class AtomShrinkHook(Hook):
                 f'loop, got {type(runner.train_loop).__name__}; set '
                 'by_epoch=False (interval in iterations)')
         optim_wrapper = runner.optim_wrapper
-        if not isinstance(optim_wrapper, OptimWrapper):
+        if not is_single_optim_wrapper(optim_wrapper):
             raise TypeError(
                 'AtomShrinkHook supports a single OptimWrapper, got '
                 f'{type(optim_wrapper).__name__}' + (
@@ -246,8 +256,9 @@ class AtomShrinkHook(Hook):
             averaged.avg_parameters = averaged.module.state_dict() \
                 if averaged.update_buffers else \
                 dict(averaged.module.named_parameters())
-        # In val/test mode runner.optim_wrapper is still the unbuilt config.
-        if isinstance(runner.optim_wrapper, OptimWrapper):
+        # In val/test mode runner.optim_wrapper is still the unbuilt config;
+        # an OptimWrapperDict is refused in before_train.
+        if is_single_optim_wrapper(runner.optim_wrapper):
             shrink_optimizer(runner.optim_wrapper.optimizer, model, remap)
         if is_model_wrapper(runner.model):
             # The DDP reducer is bound to the old parameters: re-wrap.
