@@ -1,4 +1,5 @@
-from .costs import FLOPsCost, ParamsCost, penalty_weights
+from .costs import (FLOPsCost, LatencyCost, ParamsCost, penalty_weights,
+                    set_penalty_weights)
 from .penalty import bn_l1_penalty, decayed_params, weight_decay_loss
 from .policy import LinearRampSchedule, MinCostTrigger, ThresholdCriterion
 from .shrink import (apply_plan, atom_costs, atom_strengths, find_backbones,
@@ -6,7 +7,8 @@ from .shrink import (apply_plan, atom_costs, atom_strengths, find_backbones,
                      reshape_to_arch, searchable_blocks, shrink_model,
                      shrink_optimizer)
 
-__all__ = ['FLOPsCost', 'LinearRampSchedule', 'MinCostTrigger', 'ParamsCost',
+__all__ = ['FLOPsCost', 'LatencyCost', 'LinearRampSchedule', 'MinCostTrigger',
+           'ParamsCost', 'set_penalty_weights',
            'ThresholdCriterion', 'apply_plan', 'atom_costs', 'atom_strengths',
            'bn_l1_penalty', 'decayed_params', 'find_backbones',
            'penalty_weights', 'plan_from_strengths', 'plan_shrink',

@@ -14,10 +14,10 @@ import math
 import torch
 
 from ..registry import SEARCH
-from .costs import FLOPsCost, ParamsCost
+from .costs import FLOPsCost, LatencyCost, ParamsCost
 from .policy import check_number
 
-COSTS = {'flops': FLOPsCost, 'params': ParamsCost}
+COSTS = {'flops': FLOPsCost, 'params': ParamsCost, 'latency_ms': LatencyCost}
 
 
 @SEARCH.register_module()
@@ -26,7 +26,8 @@ class BudgetController:
 
     Args:
         target (dict): Exactly one of ``flops`` (multiply-adds of the
-            backbone at ``input_size``) or ``params`` (of the backbone).
+            backbone at ``input_size``), ``params`` (of the backbone) or
+            ``latency_ms`` (predicted from ``latency_table``).
         deadline (float): Fraction of the training iterations by which the
             target is reached, in (0, 1].
         tolerance (float): Relative landing tolerance (the net ends in
@@ -34,10 +35,12 @@ class BudgetController:
         gain (float): Log-scale step of the strength per unit of relative
             error at each check.
         input_size (int): Image side for FLOPs.
+        latency_table (str | dict, optional): The table of a latency target
+            (``tools/analysis_tools/atom_latency_table.py``).
     """
 
     def __init__(self, target, deadline=0.5, tolerance=0.02, gain=4.0,
-                 input_size=224):
+                 input_size=224, latency_table=None):
         if not isinstance(target, dict) or len(target) != 1 or \
                 next(iter(target)) not in COSTS:
             raise ValueError(f'target: expected a dict with one key of '
@@ -50,8 +53,15 @@ class BudgetController:
                              f'got {deadline!r}')
         self.tolerance = check_number('tolerance', tolerance)
         self.gain = check_number('gain', gain)
-        self.cost = COSTS[self.key](input_size) if self.key == 'flops' \
-            else COSTS[self.key]()
+        if self.key == 'latency_ms':
+            if latency_table is None:
+                raise ValueError('latency_table: a latency_ms target needs '
+                                 'the table measured on the target device')
+            self.cost = LatencyCost(latency_table)
+        elif self.key == 'flops':
+            self.cost = FLOPsCost(input_size)
+        else:
+            self.cost = ParamsCost()
         self.scale = 1.0
         self.initial_cost = None
 

@@ -112,3 +112,106 @@ def penalty_weights(backbone, cost):
     flat = [c for c in costs if c is not None and len(c)]
     mean = torch.cat(flat).mean().item() if flat else 1.0
     return [None if c is None else c / mean for c in costs], mean
+
+
+def set_penalty_weights(backbone, cost):
+    """Store :func:`penalty_weights` in the blocks' ``atom_cost`` buffers."""
+    weights, _ = penalty_weights(backbone, cost)
+    for block, weight in zip(backbone.blocks(), weights):
+        if weight is not None:
+            block.atom_cost.copy_(weight)
+
+
+@SEARCH.register_module()
+class LatencyCost:
+    """Latency (ms) from a table measured on the deployment device.
+
+    The table (``tools/analysis_tools/atom_latency_table.py``) holds, for
+    every block of the supernet, the measured latency of the block with one
+    kernel group of width ``w`` alone, for a few widths per kernel, plus the
+    stem and head. A block with widths ``h`` is predicted as
+    ``base + sum_k (L_k(h_k) - base)`` over its non-empty groups, ``L_k``
+    interpolated linearly between the samples and ``base`` the groups'
+    common part (their linear extrapolation to width 0); an emptied block
+    costs its measured identity time. An atom costs the mean slope of its
+    kernel group, ``(L_k(max) - base) / max``.
+
+    Args:
+        table (str | dict): The JSON table or its path.
+    """
+
+    def __init__(self, table):
+        if isinstance(table, str):
+            import json
+            try:
+                with open(table) as f:
+                    table = json.load(f)
+            except (OSError, ValueError) as e:
+                raise ValueError(f'table: cannot read the latency table '
+                                 f'{table}: {e}') from None
+        if not isinstance(table, dict) or 'blocks' not in table:
+            raise ValueError('table: not a latency table (no "blocks")')
+        self.table = table
+
+    def _entries(self, backbone):
+        entries = self.table['blocks']
+        blocks = backbone.blocks()
+        if len(entries) != len(blocks):
+            raise ValueError(f'table: {len(entries)} blocks, the backbone has '
+                             f'{len(blocks)}; measure a table for this net')
+        for i, (entry, block) in enumerate(zip(entries, blocks)):
+            geometry = (block.in_channels, block.out_channels, block.stride)
+            if tuple(entry['geometry']) != geometry:
+                raise ValueError(f'table: block {i} was measured with (in, '
+                                 f'out, stride) {tuple(entry["geometry"])}, '
+                                 f'the backbone has {geometry}')
+        return zip(entries, blocks)
+
+    @staticmethod
+    def _curve(entry, kernel):
+        curve = entry['kernels'].get(str(kernel))
+        if curve is None:
+            raise ValueError(f'table: no samples for kernel {kernel} in '
+                             f'block {entry["index"]}')
+        return curve['widths'], curve['ms']
+
+    @classmethod
+    def block_ms(cls, entry, groups):
+        """Predicted latency of a block with ``[(kernel, width), ...]``."""
+        groups = [(k, h) for k, h in groups if h > 0]
+        if not groups:
+            return entry['empty_ms']
+        base = entry['base_ms']
+        total = base
+        for k, h in groups:
+            widths, ms = cls._curve(entry, k)
+            total += _interp(h, [0] + widths, [base] + ms) - base
+        return total
+
+    def atom_costs(self, backbone):
+        costs = []
+        for entry, block in self._entries(backbone):
+            if not block.searchable:
+                costs.append(None)
+                continue
+
+            def slope(k, entry=entry):
+                widths, ms = self._curve(entry, k)
+                return max(ms[-1] - entry['base_ms'], 0.0) / widths[-1]
+
+            costs.append(_per_atom(block, slope))
+        return costs
+
+    def total(self, backbone):
+        return self.table['stem_ms'] + self.table['head_ms'] + sum(
+            self.block_ms(entry, block.atom_groups())
+            for entry, block in self._entries(backbone))
+
+
+def _interp(x, xs, ys):
+    """Piecewise-linear interpolation (linear extrapolation past the end)."""
+    for i in range(1, len(xs)):
+        if x <= xs[i] or i == len(xs) - 1:
+            x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+            return y0 + (y1 - y0) * (x - x0) / max(x1 - x0, 1e-12)
+    return ys[-1]

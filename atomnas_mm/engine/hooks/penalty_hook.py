@@ -1,9 +1,12 @@
 """Hook adding the resource-aware BN-L1 penalty to the training loss."""
 from mmengine.hooks import Hook
+from mmengine.model import is_model_wrapper
 from mmengine.optim import OptimWrapper
 
 from ...registry import HOOKS
+from ...search.costs import set_penalty_weights
 from ...search.penalty import bn_l1_penalty, penalised_atoms, weight_decay_loss
+from ...search.shrink import find_backbones
 from ...search.policy import LinearRampSchedule, build_part, check_number
 
 
@@ -37,12 +40,17 @@ class BNL1PenaltyHook(Hook):
             optimizer can keep ``weight_decay=0``).
         schedule (dict, optional): A penalty-schedule part replacing the
             ramp (``rho``/``warmup_*`` must then be left unset).
+        cost (dict, optional): A cost model whose per-atom costs (over their
+            mean) become the penalty weights at the start of a fresh run,
+            e.g. ``dict(type='LatencyCost', table='latency.json')``. By
+            default the weights are FLOPs at 224 px, or the cost model of an
+            AtomShrinkHook target when there is one.
     """
 
     priority = 'NORMAL'
 
     def __init__(self, rho=None, warmup_epochs=25, warmup_iters=None,
-                 weight_decay=0.0, schedule=None):
+                 weight_decay=0.0, schedule=None, cost=None):
         if (rho is None) == (schedule is None):
             raise ValueError('rho: give rho (linear ramp) or schedule, '
                              'exactly one')
@@ -56,6 +64,7 @@ class BNL1PenaltyHook(Hook):
         self.warmup_iters = warmup_iters
         self.weight_decay = check_number('weight_decay', weight_decay)
         self.schedule = build_part(schedule, None, 'schedule')
+        self.cost = build_part(cost, None, 'cost')
         self._wrapped = None
 
     def before_train(self, runner):
@@ -66,6 +75,12 @@ class BNL1PenaltyHook(Hook):
         if self.rho != 0 and not penalised_atoms(runner.model)[0]:
             raise ValueError('BNL1PenaltyHook: the model has no searchable '
                              'AtomNAS block, the penalty would be 0')
+        cost = self.cost or getattr(self._controller(runner), 'cost', None)
+        if cost is not None and runner.iter == 0:  # resumed: weights loaded
+            model = runner.model.module if is_model_wrapper(runner.model) \
+                else runner.model
+            for backbone in find_backbones(model).values():
+                set_penalty_weights(backbone, cost)
         own = vars(optim_wrapper).get('update_params')
         original = optim_wrapper.update_params
 
@@ -96,12 +111,16 @@ class BNL1PenaltyHook(Hook):
             ramp = self.warmup_iters if self.warmup_iters is not None else \
                 round(self.warmup_epochs * len(runner.train_dataloader))
             schedule = LinearRampSchedule(self.rho, ramp)
-        controller = next((h.controller for h in runner.hooks
-                           if getattr(h, 'controller', None) is not None),
-                          None)
+        controller = self._controller(runner)
         if controller is None:
             return schedule
         return lambda iteration: schedule(iteration) * controller.scale
+
+    @staticmethod
+    def _controller(runner):
+        """The budget controller of an AtomShrinkHook, or None."""
+        return next((h.controller for h in runner.hooks
+                     if getattr(h, 'controller', None) is not None), None)
 
     def extra_loss(self, runner):
         """The terms to add to the loss at the current iteration; logs them.

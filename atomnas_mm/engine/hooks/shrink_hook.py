@@ -110,7 +110,8 @@ class AtomShrinkHook(Hook):
                 target, deadline, tolerance, input_size=input_size,
                 latency_table=latency_table)
             cost = self.controller.cost
-        self.cost = build_part(cost, FLOPsCost(input_size), 'cost')
+        self.flops = FLOPsCost(input_size)  # for the logs, whatever the cost
+        self.cost = build_part(cost, self.flops, 'cost')
         self.interval = check_number('interval', interval, 1, integer=True)
         for name, value in (('by_epoch', by_epoch),
                             ('final_shrink', final_shrink)):
@@ -292,11 +293,14 @@ class AtomShrinkHook(Hook):
     # -- bookkeeping ----------------------------------------------------------
     def _record(self, runner, epoch, iteration, removed, removed_cost=0.0):
         model = self._model(runner)
-        flops = backbone_cost(model, self.cost)
+        flops = backbone_cost(model, self.flops)
         params = backbone_cost(model, ParamsCost())
+        cost = flops if self.cost is self.flops else \
+            backbone_cost(model, self.cost)
         archs = current_archs(model)
         self.history.append(dict(epoch=epoch, iter=iteration, flops=flops,
-                                 params=params, removed_atoms=removed,
+                                 params=params, cost=cost,
+                                 removed_atoms=removed,
                                  removed_cost=removed_cost))
         runner.message_hub.update_scalar('train/backbone_flops', flops)
         runner.message_hub.update_scalar('train/backbone_params', params)
@@ -305,7 +309,8 @@ class AtomShrinkHook(Hook):
                 f'AtomShrinkHook: removed {sum(removed.values())} atoms '
                 f'({removed_cost / 1e6:.3f}M by {type(self.cost).__name__}) '
                 f'after epoch {epoch}, iter {iteration}; backbone now '
-                f'{flops / 1e6:.3f}M, {params / 1e6:.3f}M params; per block '
+                f'{flops / 1e6:.3f}M FLOPs, {params / 1e6:.3f}M params, cost '
+                f'{cost:.6g}; per block '
                 f'{removed}; rows {archs}')
         if is_main_process():
             # The result: written atomically, and a failure stops training.

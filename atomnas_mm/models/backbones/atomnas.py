@@ -122,11 +122,8 @@ class AtomNAS(BaseBackbone):
 
     def _set_penalty_weights(self):
         """``atom_cost`` = per-atom FLOPs at 224 px over their mean."""
-        from ...search.costs import FLOPsCost, penalty_weights
-        weights, _ = penalty_weights(self, FLOPsCost(224))
-        for block, weight in zip(self.blocks(), weights):
-            if weight is not None:
-                block.atom_cost.copy_(weight)
+        from ...search.costs import FLOPsCost, set_penalty_weights
+        set_penalty_weights(self, FLOPsCost(224))
 
     def blocks(self):
         """All AtomicBlocks in forward order."""

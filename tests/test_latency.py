@@ -1,0 +1,116 @@
+"""Latency tables: measure -> predict round trip, the cost model, the tool,
+and a latency budget through the Runner."""
+import json
+import os.path as osp
+import subprocess
+import sys
+
+import pytest
+
+from atomnas_mm.models import AtomNAS
+from atomnas_mm.search.costs import LatencyCost
+from atomnas_mm.search.latency import measure_table, random_subnet
+from test_budget import SUPERNET, budget_cfg, shrink_hook
+from test_shrink_hook import build
+
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+
+
+@pytest.fixture(scope='module')
+def measured():
+    net = AtomNAS(arch=SUPERNET).eval()
+    return net, measure_table(net, input_size=32, samples=2,
+                              min_run_time=0.01, progress=False)
+
+
+def test_round_trip_on_a_tiny_net(measured):
+    net, table = measured
+    assert len(table['blocks']) == len(net.blocks())
+    assert table['blocks'][1]['kernels'].keys() == {'3', '5', '7'}
+    assert table['blocks'][1]['kernels']['3']['widths'] == [3, 6]
+    cost = LatencyCost(json.loads(json.dumps(table)))  # JSON round trip
+    # A net with one kernel group per block at a sampled width is predicted
+    # as exactly the sum of its measured parts.
+    arch = net.arch_dict()
+    for row, entry in zip(arch['rows'], table['blocks']):
+        k = row[3][0]
+        row[3], row[4] = [k], [entry['kernels'][str(k)]['widths'][-1]]
+    single = AtomNAS(arch=arch)
+    want = table['stem_ms'] + table['head_ms'] + sum(
+        e['kernels'][str(r[3][0])]['ms'][-1]
+        for e, r in zip(table['blocks'], arch['rows']))
+    assert cost.total(single) == pytest.approx(want)
+    # Fewer atoms never cost more; every atom costs >= 0.
+    assert cost.total(AtomNAS(arch=random_subnet(net))) <= cost.total(net)
+    assert all(c is None or (c >= 0).all() for c in cost.atom_costs(net))
+
+
+def test_table_of_another_net_is_refused(measured):
+    _, table = measured
+    other = AtomNAS(arch=dict(SUPERNET, stem_channels=16,
+                              rows=[[16, 1, 1, [3], [16], False]]
+                              + SUPERNET['rows'][1:]))
+    with pytest.raises(ValueError, match=r'table: block 0 was measured with \(in, '
+                       r'out, stride\) \(8, 8, 1\)'):
+        LatencyCost(table).total(other)
+    with pytest.raises(ValueError, match='cannot read the latency table'):
+        LatencyCost('/nonexistent/table.json')
+
+
+@pytest.mark.slow
+def test_tool_measures_and_predicts(tmp_path):
+    out = tmp_path / 'table.json'
+    cmd = [sys.executable,
+           osp.join(ROOT, 'tools/analysis_tools/atom_latency_table.py'),
+           osp.join(ROOT, 'configs/demo/atomnas_fashion_mnist.py'),
+           '--out', str(out), '--samples', '2', '--min-run-time', '0.01',
+           '--predict', '--subnets', '2']
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    table = json.loads(out.read_text())
+    assert table['input_size'] == 28 and table['in_channels'] == 1
+    lines = [line for line in run.stdout.splitlines()
+             if line.startswith(('supernet', 'random sub-net'))]
+    assert len(lines) == 3 and all('%' in line for line in lines)
+
+
+def synthetic_table(net, per_atom=0.01):
+    """A table whose block latency is 0.1 ms + per_atom ms per atom."""
+    blocks = []
+    for i, block in enumerate(net.blocks()):
+        kernels = {str(k): dict(widths=[h], ms=[0.1 + per_atom * h])
+                   for k, h in block.atom_groups()}
+        blocks.append(dict(index=i, geometry=[block.in_channels,
+                                              block.out_channels,
+                                              block.stride],
+                           kernels=kernels, base_ms=0.1,
+                           empty_ms=0.0 if block.use_res else 0.1))
+    return dict(device='cpu', batch=1, input_size=32, in_channels=3,
+                stem_ms=0.5, head_ms=0.5, blocks=blocks)
+
+
+def test_latency_target_lands_through_the_runner(tmp_path):
+    net = AtomNAS(arch=SUPERNET)
+    table = synthetic_table(net)
+    path = tmp_path / 'table.json'
+    path.write_text(json.dumps(table))
+    supernet_ms = LatencyCost(table).total(net)
+    target = 0.85 * supernet_ms  # reachable: [0.72, 1] of it
+    cfg = budget_cfg(str(tmp_path / 'work'), dict(latency_ms=target))
+    cfg['custom_hooks'][2]['latency_table'] = str(path)
+    runner = build(cfg)
+    runner.train()
+    predicted = LatencyCost(table).total(runner.model.backbone)
+    assert target <= predicted <= target * 1.02
+    # The penalty weights are the table's per-atom latencies (all equal).
+    weights = runner.model.backbone.blocks()[1].atom_cost
+    assert weights.numel() == 0 or weights.std() < 1e-6
+    assert shrink_hook(runner).history[0]['cost'] == pytest.approx(
+        supernet_ms)
+
+
+def test_latency_target_needs_a_table(tmp_path):
+    cfg = budget_cfg(str(tmp_path), dict(latency_ms=1.0))
+    with pytest.raises(ValueError, match='latency_table: a latency_ms '
+                       'target needs'):
+        build(cfg)

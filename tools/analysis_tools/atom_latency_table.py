@@ -1,0 +1,108 @@
+"""Measure a per-block latency table of a config's AtomNAS backbone.
+
+    python tools/analysis_tools/atom_latency_table.py CONFIG \
+        --device cpu --batch 1 --shape 224 --out latency_cpu.json
+    # check it: predicted vs measured latency of the zoo nets that fit the
+    # table and of random sub-nets of the supernet
+    python tools/analysis_tools/atom_latency_table.py CONFIG \
+        --table latency_cpu.json --predict
+
+Use the table as the cost of a latency budget:
+``AtomShrinkHook(target=dict(latency_ms=...), latency_table='latency_cpu.json')``
+(README, "Budgets").
+"""
+import argparse
+import json
+import os.path as osp
+import sys
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('config', help='config whose model has an AtomNAS '
+                        'backbone (the supernet to measure)')
+    parser.add_argument('--device', default='cpu', choices=['cpu', 'cuda'])
+    parser.add_argument('--batch', type=int, default=1)
+    parser.add_argument('--shape', type=int, default=None,
+                        help='image side (default: the config\'s '
+                        'AtomShrinkHook input_size, else 224)')
+    parser.add_argument('--samples', type=int, default=4,
+                        help='widths measured per kernel group')
+    parser.add_argument('--min-run-time', type=float, default=0.1,
+                        help='seconds of timing per measurement')
+    parser.add_argument('--out', help='where to write the table (JSON)')
+    parser.add_argument('--table', help='an existing table (skip measuring)')
+    parser.add_argument('--predict', action='store_true',
+                        help='print predicted vs measured latency of the zoo '
+                        'nets that fit the table and of random sub-nets')
+    parser.add_argument('--subnets', type=int, default=3)
+    args = parser.parse_args(argv)
+    if not (args.out or args.table):
+        parser.error('give --out (measure a table) or --table (use one)')
+    for name in ('batch', 'samples', 'subnets'):
+        if getattr(args, name) < 1 and name != 'subnets':
+            parser.error(f'--{name} must be >= 1')
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(
+        osp.abspath(__file__)))))
+    import torch
+    from mmengine.config import Config
+    from mmengine.registry import init_default_scope
+
+    import atomnas_mm  # noqa: F401
+    from atomnas_mm.models import ARCHS, AtomNAS
+    from atomnas_mm.search import find_backbones
+    from atomnas_mm.search.latency import compare, measure_table, random_subnet
+
+    if args.device == 'cuda' and not torch.cuda.is_available():
+        raise SystemExit('atom_latency_table.py: error: --device cuda but '
+                         'CUDA is not available')
+    cfg = Config.fromfile(args.config)
+    init_default_scope(cfg.get('default_scope', 'mmpretrain'))
+    from mmengine.registry import MODELS
+    model = MODELS.build(cfg.model)
+    backbones = find_backbones(model)
+    if not backbones:
+        raise SystemExit(f'atom_latency_table.py: error: {args.config} has '
+                         'no AtomNAS backbone')
+    backbone = next(iter(backbones.values())).eval()
+    size = args.shape or next((h.get('input_size') for h in cfg.get(
+        'custom_hooks', []) if 'AtomShrinkHook' in h.get('type', '')), 224)
+    if args.table:
+        with open(args.table) as f:
+            table = json.load(f)
+    else:
+        table = measure_table(backbone, args.device, args.batch, size,
+                              args.samples, args.min_run_time)
+        with open(args.out, 'w') as f:
+            json.dump(table, f, indent=1)
+        print(f'{args.out}: {len(table["blocks"])} blocks, device '
+              f'{table["device"]}, batch {table["batch"]}, '
+              f'{table["input_size"]} px')
+    if args.predict:
+        nets = {'supernet (this config)': backbone}
+        for name, arch in ARCHS.items():
+            try:
+                net = AtomNAS(arch=arch, in_channels=backbone.in_channels)
+                from atomnas_mm.search.costs import LatencyCost
+                LatencyCost(table).total(net)
+            except ValueError:
+                continue  # another geometry than the table's
+            nets[name] = net.eval()
+        for seed in range(args.subnets):
+            nets[f'random sub-net {seed}'] = AtomNAS(
+                arch=random_subnet(backbone, seed)).eval()
+        rows = compare(table, nets, args.device, table['batch'])
+        print(f'{"net":28s} {"predicted ms":>12s} {"measured ms":>12s} '
+              f'{"error":>7s}')
+        for name, predicted, measured in rows:
+            print(f'{name:28s} {predicted:12.3f} {measured:12.3f} '
+                  f'{(predicted - measured) / measured:+7.1%}')
+
+
+if __name__ == '__main__':
+    main()
