@@ -5,9 +5,13 @@
 # A supernet sized for 28x28 grey images (3 kernel sizes per block, about
 # 3.9M multiply-adds) is trained with the FLOPs-weighted L1 penalty on its
 # atoms' BN scales; AtomShrinkHook removes dead atoms every 100 iterations,
-# so the FLOPs fall in the log while it trains. The network left at the end
-# is the searched one (work_dir/searched_arch.json, arch_*.png, flops.png).
-# Data: Debian package `dataset-fashion-mnist` (/usr/share/datasets/...).
+# so the FLOPs fall in the log (`backbone_flops`) while it trains. The network
+# left at the end is the searched one: work_dirs/atomnas_fashion_mnist/ gets
+# searched_arch.json, arch.png and flops.png (the latest), and one
+# arch_<iter>.png / flops_<iter>.png per shrink under
+# <timestamp>/vis_data/vis_image/. Export it with tools/export_searched.py.
+# Data: Debian package `dataset-fashion-mnist` (/usr/share/datasets/...),
+# unpacked once into ./data/fashion-mnist/ (cache_dir below, 53 MB).
 _base_ = ['../_base_/default_runtime.py']
 
 custom_imports = dict(imports=['atomnas_mm'], allow_failed_imports=False)
