@@ -159,6 +159,7 @@ def read_checkpoint(filename, map_location=None):
             message names the file.
     """
     damage, verified = _zip_check(filename)
+    cause = None
     if damage is None:
         try:
             return torch.load(filename, map_location=map_location,
@@ -170,17 +171,17 @@ def read_checkpoint(filename, map_location=None):
                     'torch.load(weights_only=True) refuses what it holds '
                     f'({_first_line(e)}). Load it with weights_only=False '
                     'only if you trust where it comes from.') from e
-            damage = _first_line(e)
+            damage, cause = _first_line(e), e
         except Exception as e:  # noqa: B902  (any reader failure)
             # An intact file fails for other reasons (e.g. map_location),
             # unless it is a zip file but no torch checkpoint.
             if verified and 'PytorchStreamReader' not in str(e):
                 raise
-            damage = _first_line(e)
+            damage, cause = _first_line(e), e
     raise UnreadableCheckpointError(
         f'{filename} is not a readable checkpoint ({damage}). It is empty, '
         'truncated or corrupted (e.g. by a kill or a full disk while it was '
-        'written), or not a checkpoint; use another checkpoint.')
+        'written), or not a checkpoint; use another checkpoint.') from cause
 
 
 def load_from_local(filename, map_location):
