@@ -138,19 +138,6 @@ def test_flops_params_match_published(arch):
     assert abs(params - published['params']) <= 0.05e6
 
 
-def test_supernet_atoms():
-    blocks = AtomNAS('supernet').blocks()
-    searched = [b for b in blocks if b.has_expand]
-    assert len(blocks) == 22 and len(searched) == 21
-    assert sum(len(b.kernel_sizes) for b in searched) == 63
-    assert sum(sum(b.hidden) for b in searched) == 31392
-    # Penalty weights are FLOPs normalised by their mean over all atoms.
-    costs = torch.cat([b.atom_cost for b in searched])
-    assert costs.shape == (31392, )
-    assert costs.mean().item() == pytest.approx(1.0, rel=1e-5)
-    assert all(b.atom_cost.numel() == sum(b.hidden) for b in blocks)
-
-
 # --------------------------------------------------------------------------
 # Argument validation
 # --------------------------------------------------------------------------
@@ -315,15 +302,6 @@ def test_arch_rows_round_trip(arch):
     assert shapes(rebuilt) == shapes(model)
     assert rebuilt.arch_rows() == model.arch_rows()
     assert shapes(AtomNAS(arch=model.arch_dict())) == shapes(model)
-
-
-def test_arch_dict_keeps_activation_and_se():
-    model = AtomNAS('atomnas_a_plus')
-    arch = model.arch_dict()
-    assert arch['act_cfg'] == dict(type='Swish') and arch['se_ratio'] == 0.5
-    rebuilt = AtomNAS(arch=arch)
-    assert rebuilt.layer2[0].se is not None
-    assert type(rebuilt.conv1.activate) is type(model.conv1.activate)
 
 
 def test_round_trip_keeps_outputs(tiny_arch):

@@ -106,16 +106,26 @@ def reference_backbone(net, x, act):
     return act(bn(F.conv2d(x, net.conv2.conv.weight), net.conv2.norm))
 
 
-def atom_flops(rows, stem_channels, size=224):
-    """Spec section 4: raw per-atom multiply-adds for each searchable row."""
-    size, in_ch, costs = (size + 1) // 2, stem_channels, []
-    for out, _, stride, kernels, _, has_expand in rows:
-        out_size = (size + stride - 1) // stride
-        costs.append([in_ch * size * size + k * k * out_size**2
-                      + out * out_size**2 for k in kernels]
-                     if has_expand else None)
-        size, in_ch = out_size, out
-    return costs
+def measured_atom_flops(net, size=224):
+    """Per block, the multiply-adds one atom of each kernel adds, counted by
+    the conv/linear/pool hooks on a lone block with and without one atom
+    (independent of the cost models)."""
+    from atomnas_mm.models import count_flops_params
+    from atomnas_mm.models.blocks import AtomicBlock
+    out = []
+    for block, side in zip(net.blocks(), net.block_input_sizes(size)):
+        if not block.searchable:
+            out.append(None)
+            continue
+        shape = (1, block.in_channels, side, side)
+        flops = []
+        for k, h in block.atom_groups():
+            one = [count_flops_params(AtomicBlock(
+                block.in_channels, block.out_channels, block.stride, [k],
+                [w]), shape)[0] for w in (h, h - 1)]
+            flops.append(one[0] - one[1])
+        out.append(flops)
+    return out
 
 
 def test_supernet_counts_match_spec():
@@ -202,10 +212,10 @@ def test_plus_arch_dict_round_trip():
 
 
 def test_supernet_atom_cost_is_flops_weight():
-    """Penalty weight p = f / f_mean, f_mean about 47,106 (spec section 4)."""
+    """Penalty weight p = f / f_mean, f_mean about 47,106 at 224 px."""
     net = AtomNAS(arch='supernet')
     rows = net.arch_rows()
-    costs = atom_flops(rows, 32)
+    costs = measured_atom_flops(net)
     atoms = [(f, h) for row, cost in zip(rows, costs) if cost
              for f, h in zip(cost, row[4])]
     f_mean = sum(f * h for f, h in atoms) / sum(h for _, h in atoms)
