@@ -1,9 +1,9 @@
 from .ema import BatchScaledEMA
 from .hooks import (AtomShrinkHook, BNL1PenaltyHook, BNRecalibrationHook,
-                    recalibrate_bn)
+                    MemoryFormatHook, recalibrate_bn)
 from .optimizers import TFRMSprop
 from .schedulers import FractionalStepLR
 
 __all__ = ['AtomShrinkHook', 'BatchScaledEMA', 'BNL1PenaltyHook',
-           'BNRecalibrationHook', 'FractionalStepLR', 'TFRMSprop',
-           'recalibrate_bn']
+           'BNRecalibrationHook', 'FractionalStepLR', 'MemoryFormatHook',
+           'TFRMSprop', 'recalibrate_bn']

@@ -7,6 +7,10 @@ default_hooks = dict(
     logger=dict(type='LoggerHook', interval=100),
     checkpoint=dict(
         type='atomnas_mm.SafeCheckpointHook', interval=1, max_keep_ckpts=3,
-        save_best='auto'))
+        save_best='auto'),
+    # Train, validate and test in channels_last (faster convolutions; see
+    # docs/benchmarks.md). Off: default_hooks = dict(memory_format=None).
+    memory_format=dict(
+        type='atomnas_mm.MemoryFormatHook', memory_format='channels_last'))
 
 randomness = dict(seed=1995, deterministic=False)
