@@ -15,6 +15,7 @@ remapping optimizer and EMA need (:meth:`remove_atoms`), its inference form
 module only.
 """
 import copy
+import weakref
 from typing import NamedTuple, Optional
 
 import torch
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 from mmcv.cnn import ConvModule
 from mmengine.model import BaseModule
+from torch.nn.modules import module as _nn_module
 
 
 def dw_key(kernel_size):
@@ -276,7 +278,49 @@ class AtomicBlock(BaseModule):
         return remap
 
     # -- forward ----------------------------------------------------------------
+    #: Training-mode form per device type (``x.device.type``): 'per_kernel'
+    #: runs each kernel group's 1x1 expand, depthwise conv and 1x1
+    #: projection on slices of the fused parameters (no wide tensor, no
+    #: split/cat); 'modules' runs the fused modules as they are (wide expand,
+    #: split, cat). Same outputs, gradients and BN statistics; the speed of
+    #: each is measured in docs/benchmarks.md. Set on the class or on a block.
+    train_forms = {'cpu': 'per_kernel', 'cuda': 'per_kernel'}
+    #: In eval mode without autograd (``no_grad`` / ``inference_mode``, as in
+    #: mmengine's val/test loops) run a cached inference form: BN folded into
+    #: the convs, the kernel groups merged into one zero-padded depthwise conv
+    #: (as ``deploy_form``). It is rebuilt whenever a module or one of the
+    #: folded tensors is replaced or written in place (version counters: the
+    #: optimizer, ``load_state_dict``, BN statistics updates, the surgery) and
+    #: on ``train()`` / ``eval()`` / ``to()``. Writes through ``.data`` do not
+    #: count as in-place writes: call ``eval()`` again after them (mmengine's
+    #: EMA swap is followed by ``eval()`` in its loops). False disables it.
+    cache_inference = True
+
+    def forward(self, x):
+        if self.project is None:
+            return x + self.bias.view(1, -1, 1, 1)
+        if self.with_cp and x.requires_grad:
+            out = cp.checkpoint(self._residual_branch, x, use_reentrant=False)
+        else:
+            out = self._residual_branch(x)
+        return x + out if self.use_res else out
+
     def _residual_branch(self, x):
+        state = _forward_state(self)
+        if state is not None:
+            if self.training:
+                if state.multi and self.train_forms.get(
+                        x.device.type) == 'per_kernel':
+                    return self._per_kernel_branch(x)
+            elif (self.cache_inference and not torch.is_grad_enabled()
+                  and state.foldable and not _bn_training(state.mods)):
+                form = _inference_form(self, state)
+                if form is not None:
+                    return self._inference_branch(x, form)
+        return self._module_branch(x)
+
+    def _module_branch(self, x):
+        """The fused modules as they are: wide expand, split, cat."""
         if self.expand is not None:
             x = self.expand(x)
         branches = list(self.dw.values())
@@ -289,14 +333,61 @@ class AtomicBlock(BaseModule):
             x = self.se(x)
         return self.project(x)
 
-    def forward(self, x):
-        if self.project is None:
-            return x + self.bias.view(1, -1, 1, 1)
-        if self.with_cp and x.requires_grad:
-            out = cp.checkpoint(self._residual_branch, x, use_reentrant=False)
-        else:
-            out = self._residual_branch(x)
-        return x + out if self.use_res else out
+    def _per_kernel_branch(self, x):
+        """Per kernel group: expand on a row slice of the expand weight (its
+        BN on slices of the fused BN), depthwise, projection on a column
+        slice; the projections are summed before the projection BN."""
+        branches = list(self.dw.values())
+        sizes = [m.conv.out_channels for m in branches]
+        expand, norm = self.expand, self.expand.norm
+        batch_stats, factor = _bn_step(norm)
+        track = not norm.training or norm.track_running_stats
+        means = _split(norm.running_mean if track else None, sizes)
+        variances = _split(norm.running_var if track else None, sizes)
+        gammas, betas = _split(norm.weight, sizes), _split(norm.bias, sizes)
+        weights = expand.conv.weight.split(sizes, 0)
+        outs = []
+        for i, m in enumerate(branches):
+            h = F.batch_norm(F.conv2d(x, weights[i]), means[i], variances[i],
+                             gammas[i], betas[i], batch_stats, factor,
+                             norm.eps)
+            if expand.with_activation:
+                h = expand.activate(h)
+            outs.append(m(h))
+        if self.se is not None:
+            se = self.se
+            pooled = torch.cat([se.global_avgpool(h) for h in outs], dim=1)
+            gates = se.conv2(se.conv1(pooled)).split(sizes, 1)
+            outs = [h * g for h, g in zip(outs, gates)]
+        weights = self.project.conv.weight.split(sizes, 1)
+        out = F.conv2d(outs[0], weights[0])
+        for h, w in zip(outs[1:], weights[1:]):
+            out = out.add_(F.conv2d(h, w))
+        return self.project.norm(out)
+
+    def _inference_branch(self, x, form):
+        """The cached inference form (eval, no autograd)."""
+        expand, (dw_weight, dw_bias, stride, padding), project = form
+        if expand is not None:
+            x = F.conv2d(x, *expand)
+            if self.expand.with_activation:
+                x = self.expand.activate(x)
+        x = F.conv2d(x, dw_weight, dw_bias, stride, padding, 1, x.shape[1])
+        first = next(iter(self.dw.values()))
+        if first.with_activation:
+            x = first.activate(x)
+        if self.se is not None:
+            x = self.se(x)
+        return F.conv2d(x, *project)
+
+    def train(self, mode=True):
+        _INFERENCE_CACHE.pop(self, None)
+        return super().train(mode)
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to() / .cuda() / .half() replace tensor data without a version bump
+        _INFERENCE_CACHE.pop(self, None)
+        return super()._apply(fn, *args, **kwargs)
 
     # -- other forms --------------------------------------------------------------
     def deploy_form(self):
@@ -364,6 +455,161 @@ class AtomicBlock(BaseModule):
                 out[f'se.{key}'] = value
         put('project', self.project, project, project_bn)
         return out
+
+
+# -- forward helpers (AtomicBlock.forward) ------------------------------------
+# Per block, keyed weakly (not copied by deepcopy / pickling):
+# the structure check of the fast forms, and the cached inference form.
+_FORWARD_STATE = weakref.WeakKeyDictionary()
+_INFERENCE_CACHE = weakref.WeakKeyDictionary()
+_NORM_TENSORS = (('_parameters', 'weight'), ('_parameters', 'bias'),
+                 ('_buffers', 'running_mean'), ('_buffers', 'running_var'),
+                 ('_buffers', 'num_batches_tracked'))
+
+
+class _ForwardState(NamedTuple):
+    mods: list  # expand, se, then (ConvModule, conv, norm) per layer
+    multi: bool  # per_kernel form applies (expand + several kernel groups)
+    foldable: bool  # inference form applies (one dw activation type)
+
+
+def _child(module, name):
+    """A child module or None, also when set to None before registration."""
+    mods = module._modules
+    return mods[name] if name in mods else module.__dict__.get(name)
+
+
+def _block_modules(block):
+    expand, project = _child(block, 'expand'), _child(block, 'project')
+    mods = [expand, _child(block, 'se')]
+    cms = [project, *block.dw._modules.values()]
+    if expand is not None:
+        cms.append(expand)
+    for cm in cms:
+        mods += [cm, cm._modules.get('conv'),
+                 cm._modules.get(getattr(cm, 'norm_name', None))]
+    return mods
+
+
+def _plain(cm, conv, norm, pointwise):
+    """ConvModule conv -> BatchNorm2d -> [act], zero padding, no conv bias."""
+    if (not isinstance(cm, ConvModule) or tuple(cm.order) != ('conv', 'norm',
+                                                               'act')
+            or cm.with_explicit_padding or type(conv) is not nn.Conv2d
+            or type(norm) is not nn.BatchNorm2d or conv.bias is not None
+            or conv.padding_mode != 'zeros' or conv.dilation != (1, 1)):
+        return False
+    if pointwise:
+        return conv.kernel_size == (1, 1) and conv.stride == (1, 1) \
+            and conv.padding == (0, 0) and conv.groups == 1
+    k = conv.kernel_size[0]
+    return conv.kernel_size == (k, k) and conv.padding == (k // 2, k // 2) \
+        and conv.groups == conv.in_channels == conv.out_channels
+
+
+def _has_hooks(block, mods):
+    if (_nn_module._global_forward_hooks
+            or _nn_module._global_forward_pre_hooks or block._forward_hooks
+            or block._forward_pre_hooks):
+        return True
+    return any(m is not None and (m._forward_hooks or m._forward_pre_hooks)
+               for m in mods[2:])
+
+
+def _forward_state(block):
+    """The block's :class:`_ForwardState`, or None when only the module form
+    may run: unusual layers, forward hooks (e.g. FLOPs counting) or tracing
+    and compiling (ONNX export sees the modules)."""
+    if torch.jit.is_tracing() or torch.jit.is_scripting() \
+            or torch.compiler.is_compiling() or torch.compiler.is_exporting():
+        return None
+    mods = _block_modules(block)
+    state = _FORWARD_STATE.get(block)
+    if state is None or len(state.mods) != len(mods) or any(
+            a is not b for a, b in zip(state.mods, mods)):
+        layers = [mods[i:i + 3] for i in range(2, len(mods), 3)]
+        pointwise = [True] + [False] * len(block.dw) + [True]  # project, dw,
+        plain = all(_plain(*layer, pointwise=p)  # [expand]
+                    for layer, p in zip(layers, pointwise))
+        acts = {type(cm.activate) if cm.with_activation else None
+                for cm in block.dw.values()}
+        state = _ForwardState(
+            mods, plain and mods[0] is not None and len(block.dw) > 1,
+            plain and len(acts) == 1)
+        _FORWARD_STATE[block] = state
+    if not (state.multi or state.foldable) or _has_hooks(block, mods):
+        return None
+    return state
+
+
+def _bn_training(mods):
+    return any(m.training for m in mods[4::3])
+
+
+def _bn_step(norm):
+    """``(use batch statistics, momentum factor)`` as
+    ``_BatchNorm.forward`` computes them, counting the batch like it."""
+    factor = 0.0 if norm.momentum is None else norm.momentum
+    if norm.training and norm.track_running_stats \
+            and norm.num_batches_tracked is not None:
+        norm.num_batches_tracked.add_(1)
+        factor = 1.0 / float(norm.num_batches_tracked) \
+            if norm.momentum is None else norm.momentum
+    batch_stats = norm.training or (norm.running_mean is None
+                                    and norm.running_var is None)
+    return batch_stats, factor
+
+
+def _split(tensor, sizes, dim=0):
+    return [None] * len(sizes) if tensor is None else tensor.split(sizes, dim)
+
+
+def _fold(conv, norm):
+    """Weight and bias of ``norm(conv(x))`` (eval BN) as one conv."""
+    dtype = conv.weight.dtype
+    acc = torch.promote_types(dtype, torch.float32)  # fold fp16 in fp32
+    scale = norm.running_var.to(acc).add(norm.eps).rsqrt()
+    if norm.weight is not None:
+        scale = scale * norm.weight.to(acc)
+    bias = -norm.running_mean.to(acc) * scale
+    if norm.bias is not None:
+        bias = bias + norm.bias.to(acc)
+    weight = conv.weight.to(acc) * scale.view(-1, 1, 1, 1)
+    return weight.to(dtype), bias.to(dtype)
+
+
+def _inference_form(block, state):
+    """The block's cached inference form, rebuilt when stale; None when its
+    tensors cannot be checked (inference tensors have no version counter)."""
+    entries = []
+    for norm in state.mods[4::3]:
+        entries += [(getattr(norm, d), k) for d, k in _NORM_TENSORS]
+    entries += [(conv._parameters, 'weight') for conv in state.mods[3::3]]
+    cached = _INFERENCE_CACHE.get(block)
+    if cached is not None and cached[0] is state and all(
+            d[k] is t and (t is None or t._version == v)
+            for (d, k), (t, v) in zip(entries, cached[1])):
+        return cached[2]
+    tensors = [d[k] for d, k in entries]
+    if any(t is not None and t.is_inference() for t in tensors):
+        return None
+    with torch.no_grad():
+        expand = block.expand
+        expand = None if expand is None else _fold(expand.conv, expand.norm)
+        branches = list(block.dw.values())
+        size = max(m.conv.kernel_size[0] for m in branches)
+        weights, biases = [], []
+        for m in branches:
+            weight, bias = _fold(m.conv, m.norm)
+            pad = (size - m.conv.kernel_size[0]) // 2
+            weights.append(F.pad(weight, [pad] * 4) if pad else weight)
+            biases.append(bias)
+        dw = (torch.cat(weights), torch.cat(biases), branches[0].conv.stride,
+              size // 2)
+        form = (expand, dw, _fold(block.project.conv, block.project.norm))
+    versions = [(t, None if t is None else t._version) for t in tensors]
+    _INFERENCE_CACHE[block] = (state, versions, form)
+    return form
 
 
 def _slice_param(module, name, dim, index, remap):

@@ -1,0 +1,432 @@
+"""The fast forward forms of AtomicBlock and the channels_last setting.
+
+``AtomicBlock`` trains in its per-kernel form and evaluates (no autograd) in a
+cached inference form; both must compute what its modules compute
+(``_module_branch``, the form before issue 11): outputs, gradients and BN
+statistics, in float64 to 1e-10 (float32: 1e-5 on outputs).
+"""
+import copy
+import os.path as osp
+
+import pytest
+import torch
+import torch.nn as nn
+from mmengine.config import Config
+from mmengine.hooks import Hook
+from mmengine.registry import DATASETS
+from mmengine.runner import Runner
+from mmpretrain.structures import DataSample
+from torch.utils.data import Dataset
+
+import atomnas_mm  # noqa: F401
+from atomnas_mm.engine.hooks import (AtomShrinkHook, MemoryFormatHook,
+                                     to_memory_format)
+from atomnas_mm.engine.hooks.memory_format_hook import format_strides
+from atomnas_mm.models import AtomNAS, count_flops_params
+from atomnas_mm.models.blocks import AtomicBlock, _forward_state
+
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+DEMO = osp.join(ROOT, 'configs/demo/atomnas_fashion_mnist.py')
+CL = torch.channels_last
+# a block without expand, two / three kernel groups (stride 2, residual),
+# a kernel group of one atom, a residual block with an absent kernel size
+ROWS = [[16, 1, 1, [3], [8], False],
+        [24, 1, 2, [3, 5], [8, 4], True],
+        [24, 1, 1, [3, 5, 7], [6, 1, 2], True],
+        [24, 1, 1, [3, 5, 7], [5, 0, 3], True],
+        [32, 1, 2, [3], [12], True]]
+
+
+def build(se_ratio=None, with_cp=False, dtype=torch.float64, fmt=CL,
+          act_cfg=None, seed=0):
+    """A small AtomNAS with random BN affine parameters and statistics."""
+    torch.manual_seed(seed)
+    model = AtomNAS(arch=dict(rows=copy.deepcopy(ROWS), stem_channels=8,
+                              last_channels=32),
+                    se_ratio=se_ratio, with_cp=with_cp, act_cfg=act_cfg)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+    return model.to(dtype).to(memory_format=fmt)
+
+
+def modules_only(model):
+    """The same model, each block pinned to its module form."""
+    for m in model.modules():
+        if isinstance(m, AtomicBlock):
+            m.train_forms = {}
+            m.cache_inference = False
+    return model
+
+
+def pair(**kwargs):
+    fast = build(**kwargs)
+    return fast, modules_only(copy.deepcopy(fast))
+
+
+def shrink(model):
+    """Remove k5 of block 2 (absent kernel) and empty block 3 (residual)."""
+    blocks = model.blocks()
+    blocks[2].remove_atoms([0, 1, 2, 3, 4, 5, 7, 8])
+    blocks[3].remove_atoms([])
+    return model
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Counts of the fast forms run (so that a test sees them used)."""
+    counts = dict(_per_kernel_branch=0, _inference_branch=0)
+    for name in counts:
+        orig = getattr(AtomicBlock, name)
+
+        def spy(self, *args, _name=name, _orig=orig):
+            counts[_name] += 1
+            return _orig(self, *args)
+        monkeypatch.setattr(AtomicBlock, name, spy)
+    return counts
+
+
+def input_like(model, batch=4, size=32):
+    torch.manual_seed(1)
+    dtype = next(model.parameters()).dtype
+    return torch.randn(batch, 3, size, size, dtype=dtype).to(
+        memory_format=CL)
+
+
+def close(a, b, tol=1e-10):
+    """``|a - b| <= tol * max(1, max |b|)`` (a relative bound for large b)."""
+    a, b = a.double(), b.double()
+    if not b.numel():
+        return a.shape == b.shape
+    return bool((a - b).abs().max() <= tol * max(1.0, b.abs().max().item()))
+
+
+def assert_same_state(a, b, tol=1e-10):
+    for (name, t), u in zip(a.state_dict().items(), b.state_dict().values()):
+        assert t.shape == u.shape and close(t, u, tol), name
+
+
+def run_steps(fast, ref, x, steps=2):
+    """Forward + backward + an SGD step on both; compare everything."""
+    opt_f = torch.optim.SGD(fast.parameters(), lr=0.01)
+    opt_r = torch.optim.SGD(ref.parameters(), lr=0.01)
+    for _ in range(steps):
+        xf, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+        out_f, out_r = fast(xf)[-1], ref(xr)[-1]
+        assert close(out_f, out_r)
+        grad = torch.randn_like(out_r)
+        out_f.backward(grad)
+        out_r.backward(grad)
+        assert close(xf.grad, xr.grad)
+        for (name, p), q in zip(fast.named_parameters(), ref.parameters()):
+            assert close(p.grad, q.grad), name
+        assert_same_state(fast, ref)  # BN statistics, batch counts
+        opt_f.step()
+        opt_r.step()
+        opt_f.zero_grad()
+        opt_r.zero_grad()
+
+
+@pytest.mark.parametrize('se_ratio', [None, 0.5], ids=['plain', 'se'])
+@pytest.mark.parametrize('fmt', [torch.contiguous_format, CL],
+                         ids=['contiguous', 'channels_last'])
+@pytest.mark.parametrize('with_cp', [False, True], ids=['', 'with_cp'])
+def test_training_form_equals_modules(se_ratio, fmt, with_cp, calls):
+    fast, ref = pair(se_ratio=se_ratio, fmt=fmt, with_cp=with_cp)
+    run_steps(fast.train(), ref.train(), input_like(fast).to(
+        memory_format=fmt))
+    # blocks 1, 2, 3 have several kernel groups: 3 blocks x 2 steps
+    # (x 2 with checkpointing: the recomputation runs the form again)
+    assert calls['_per_kernel_branch'] == 6 * (2 if with_cp else 1)
+
+
+def test_training_form_after_shrink_and_bn_modes(calls):
+    """Absent kernels and an emptied residual block from the surgery; BN in
+    eval mode while the block trains (norm_eval); momentum None (the
+    cumulative average used by BN re-calibration)."""
+    fast, ref = pair(se_ratio=0.5)
+    shrink(fast)
+    shrink(ref)
+    assert fast.arch_rows()[2][3:5] == [[3, 7], [6, 2]]
+    assert fast.arch_rows()[3][3:5] == [[], []]
+    x = input_like(fast)
+    run_steps(fast.train(), ref.train(), x)
+    for model in (fast, ref):
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.momentum = None
+        model.blocks()[1].expand.norm.eval()
+    run_steps(fast, ref, x)
+    assert calls['_per_kernel_branch'] == 8  # blocks 1, 2 x 4 steps
+
+
+@pytest.mark.parametrize('se_ratio', [None, 0.5], ids=['plain', 'se'])
+def test_eval_forms_equal_modules(se_ratio, calls):
+    fast, ref = pair(se_ratio=se_ratio, act_cfg=dict(type='Swish'))
+    fast.eval()
+    ref.eval()
+    x = input_like(fast)
+    # with autograd: the module form, same gradients
+    run_steps(fast, ref, x, steps=1)
+    assert calls == dict(_per_kernel_branch=0, _inference_branch=0)
+    with torch.no_grad():
+        assert close(fast(x)[-1], ref(x)[-1])
+    with torch.inference_mode():
+        assert close(fast(x)[-1], ref(x)[-1])
+    assert calls['_inference_branch'] == 2 * 5  # every block, twice
+
+
+def test_float32_within_1e5(calls):
+    fast, ref = pair(dtype=torch.float32, se_ratio=0.5)
+    x = input_like(fast)
+    for mode in (True, False):
+        fast.train(mode)
+        ref.train(mode)
+        with torch.no_grad():
+            out_f, out_r = fast(x)[-1], ref(x)[-1]
+        scale = out_r.abs().max()
+        assert (out_f - out_r).abs().max() <= 1e-5 * scale
+    assert calls['_per_kernel_branch'] == 3 and calls['_inference_branch'] == 5
+
+
+def test_inference_cache_follows_every_change(calls):
+    """The cached form is rebuilt after each kind of change."""
+    fast, ref = pair(se_ratio=0.5)
+    fast.eval()
+    ref.eval()
+    x = input_like(fast)
+
+    def check():
+        with torch.no_grad():
+            out_f, out_r = fast(x)[-1], ref(x)[-1]
+        assert close(out_f, out_r)
+        return out_f
+
+    def both(fn):
+        fn(fast)
+        fn(ref)
+
+    first = check()
+    fast.eval()  # train(False): drops the caches, rebuilt below
+    with torch.no_grad():
+        assert torch.equal(fast(x)[-1], first)
+
+    def step(model):  # an optimizer step in eval mode
+        for p in model.parameters():
+            p.grad = torch.full_like(p, 0.01)
+        torch.optim.SGD(model.parameters(), lr=1.0).step()
+    both(step)
+    assert not torch.allclose(check(), first)
+    other = build(se_ratio=0.5, seed=3).state_dict()
+    both(lambda m: m.load_state_dict(other))
+    check()
+
+    def recalibrate(model):  # BN statistics re-estimated, blocks in eval
+        norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+        for m in norms:
+            m.train()
+        with torch.no_grad():
+            model(x * 2 + 1)
+        for m in norms:
+            m.eval()
+    both(recalibrate)
+    check()
+    both(shrink)  # the surgery in eval mode
+    check()
+    both(lambda m: m.to(torch.float32).to(torch.float64))  # .to(): no bump
+    check()
+
+    def data_write(model):  # invisible to version counters: then eval()
+        model.blocks()[1].project.conv.weight.data.mul_(2)
+        model.eval()
+    both(data_write)
+    check()
+    with torch.no_grad():
+        for p in fast.parameters():
+            p.zero_()
+        assert not torch.allclose(fast(x)[-1], ref(x)[-1])
+    assert calls['_inference_branch'] > 0
+
+
+def test_hooks_and_tracing_see_the_modules(calls):
+    """FLOPs counting (module hooks) and tracing (ONNX export) run the
+    module form."""
+    fast, ref = pair(dtype=torch.float32)
+    assert count_flops_params(fast, (1, 3, 32, 32)) == \
+        count_flops_params(ref, (1, 3, 32, 32))
+    x = input_like(fast, batch=1)
+    traced = torch.jit.trace(fast.eval(), x, check_trace=False)
+    assert calls == dict(_per_kernel_branch=0, _inference_branch=0)
+    with torch.no_grad():
+        assert torch.allclose(traced(x)[-1], ref.eval()(x)[-1], atol=1e-5)
+
+
+@pytest.mark.parametrize('arch', ['supernet', 'atomnas_a', 'atomnas_c_plus'])
+def test_shipped_archs_get_the_fast_forms(arch):
+    model = AtomNAS(arch=arch, stem_channels=16 if arch == 'supernet' else
+                    None)
+    blocks = model.blocks()
+    states = [_forward_state(b) for b in blocks]
+    assert all(s is not None and s.foldable for s in states)
+    assert [s.multi for s in states] == [
+        b.expand is not None and len(b.dw) > 1 for b in blocks]
+    assert any(s.multi for s in states)
+    assert AtomicBlock.train_forms == {'cpu': 'per_kernel',
+                                       'cuda': 'per_kernel'}
+
+
+# -- the channels_last setting (MemoryFormatHook) -----------------------------
+def is_cl(model):
+    """Every 4-D tensor exactly in channels_last strides (also 1x1 convs,
+    whose strides DDP's buckets compare)."""
+    return all(t.stride() == format_strides(t.shape, 'channels_last')
+               for t in list(model.parameters()) + list(model.buffers())
+               if t.dim() == 4)
+
+
+def test_to_memory_format_keeps_parameters():
+    model = build(fmt=torch.contiguous_format)
+    params = list(model.parameters())
+    assert to_memory_format(model, 'channels_last') and is_cl(model)
+    assert list(model.parameters()) == params
+    assert not to_memory_format(model, 'channels_last')
+    with pytest.raises(ValueError, match='memory_format'):
+        MemoryFormatHook(memory_format='nhwc')
+
+
+SURGERY_STRIDES = pytest.mark.xfail(
+    strict=True, reason='the shrink surgery (blocks.index_select_like) gives '
+    '1x1 and depthwise weights contiguous strides, which '
+    'is_contiguous(channels_last) accepts but DDP buckets and '
+    'format_strides do not; remove this mark when it keeps exact strides')
+
+
+@DATASETS.register_module(force=True)
+class GreyToyData(Dataset):
+    """Random 28x28 grey images, 10 classes (the demo's shapes)."""
+    metainfo = dict(classes=tuple('abcdefghij'))
+
+    def __init__(self, n=8):
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randint(0, 255, (n, 1, 28, 28), generator=g,
+                               dtype=torch.uint8)
+        self.y = torch.randint(0, 10, (n, ), generator=g)
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return dict(inputs=self.x[i],
+                    data_samples=DataSample().set_gt_label(int(self.y[i])))
+
+
+class ForceShrinkHook(Hook):
+    """After the second iteration, remove k5 of layer2.0 with
+    AtomShrinkHook's surgery (model, EMA copy, optimizer); record the
+    memory formats at every iteration."""
+    priority = 'VERY_HIGH'
+
+    def __init__(self):
+        self.seen = []
+
+    def after_train_iter(self, runner, batch_idx, data_batch=None,
+                         outputs=None):
+        model = runner.model
+        ema = [h for h in runner.hooks if type(h).__name__ == 'EMAHook'][0]
+        self.seen.append((batch_idx, is_cl(model),
+                          is_cl(ema.ema_model.module)))
+        if batch_idx == 1:  # keep k3 and k7 of layer2.0 (48 atoms each)
+            keep = torch.cat([torch.arange(48), torch.arange(96, 144)])
+            shrink = [h for h in runner.hooks
+                      if isinstance(h, AtomShrinkHook)][0]
+            shrink.apply(runner, {'backbone.layer2.0': keep})
+
+
+@SURGERY_STRIDES
+def test_demo_config_trains_in_channels_last(tmp_path):
+    cfg = Config.fromfile(DEMO)
+    assert cfg.default_hooks.memory_format.memory_format == 'channels_last'
+    loader = dict(dataset=dict(type='GreyToyData'), batch_size=4,
+                  num_workers=0, persistent_workers=False,
+                  sampler=dict(type='DefaultSampler', shuffle=False))
+    cfg.train_dataloader = loader
+    cfg.val_dataloader = cfg.test_dataloader = None
+    cfg.val_cfg = cfg.test_cfg = cfg.val_evaluator = cfg.test_evaluator = None
+    cfg.train_cfg = dict(by_epoch=False, max_iters=4)
+    cfg.param_scheduler = None
+    cfg.custom_hooks = [h for h in cfg.custom_hooks
+                        if h.type != 'atomnas_mm.BNRecalibrationHook']
+    cfg.default_hooks.checkpoint = None
+    cfg.default_hooks.logger.interval = 1
+    cfg.work_dir = str(tmp_path)
+    cfg.log_level = 'WARNING'
+    runner = Runner.from_cfg(cfg)
+    force = ForceShrinkHook()
+    runner.register_hook(force)
+    hooks = [type(h).__name__ for h in runner.hooks]
+    assert hooks.index('MemoryFormatHook') < hooks.index('EMAHook')
+    runner.train()
+    rows = runner.model.backbone.arch_rows()
+    assert rows[1][3] == [3, 7]  # k5 removed after iteration 2
+    # channels_last from the first iteration to the last, shrink included
+    assert force.seen == [(i, True, True) for i in range(4)]
+    state = runner.optim_wrapper.optimizer.state
+    assert all(v.stride() == format_strides(v.shape, 'channels_last')
+               for s in state.values() for v in s.values()
+               if torch.is_tensor(v) and v.dim() == 4)
+
+
+def _ddp_worker(rank, world_size, port, work_dir):
+    import os
+    import warnings
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world_size), MASTER_ADDR='127.0.0.1',
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from test_shrink_hook import SCHEDULE, KillAtomsHook, build, make_cfg
+
+    from atomnas_mm.utils import cpu_ddp_workaround
+    cfg = make_cfg(work_dir, max_epochs=2, launcher='pytorch')
+    cfg['default_hooks']['memory_format'] = dict(
+        type='atomnas_mm.MemoryFormatHook')
+    cpu_ddp_workaround(cfg)
+    runner = build(cfg, [KillAtomsHook(SCHEDULE)])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        runner.train()
+    model = runner.model
+    assert type(model).__name__ == 'MMDistributedDataParallel'
+    assert model.module.backbone.arch_rows()[1][3] == [3, 7]  # shrunk
+    ema = [h for h in runner.hooks if type(h).__name__ == 'EMAHook'][0]
+    torch.save(dict(
+        cl=(is_cl(model.module), is_cl(ema.ema_model.module)),
+        stride_warnings=[str(w.message) for w in caught
+                         if 'strides' in str(w.message)],
+        state={k: p.detach().contiguous()
+               for k, p in model.module.named_parameters()}),
+        osp.join(work_dir, f'rank{rank}.pth'))
+
+
+@pytest.mark.slow
+def test_channels_last_under_ddp(tmp_path):
+    """2-process CPU DDP: the wrapper is rebuilt after each conversion (no
+    gradient-stride mismatch in the reducer; after the epoch-end shrinks
+    ``before_val`` restores exact strides), the search shrinks, ranks stay
+    identical."""
+    import socket
+
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2)
+    r0, r1 = (torch.load(tmp_path / f'rank{r}.pth', weights_only=True)
+              for r in (0, 1))
+    assert r0['cl'] == r1['cl'] == (True, True)
+    assert r0['stride_warnings'] == []
+    for k, v in r0['state'].items():
+        assert torch.equal(v, r1['state'][k]), k
