@@ -4,6 +4,7 @@ import gzip
 import os
 import os.path as osp
 import shutil
+import warnings
 
 from mmpretrain.datasets import FashionMNIST as _FashionMNIST
 
@@ -77,6 +78,20 @@ class FashionMNIST(_FashionMNIST):
         # split='test' alone would silently read the training images.
         kwargs.setdefault('test_mode', kwargs.get('split', 'train') == 'test')
         super().__init__(data_root=root, **kwargs)
+
+    def load_data_list(self):
+        # mmpretrain's MNIST reads the idx files with torch.from_numpy on a
+        # read-only buffer (one UserWarning) and converts every label with
+        # np.array(tensor), which numpy 2 answers with a DeprecationWarning
+        # per image (70,000 for Fashion-MNIST). Both are harmless here.
+        with warnings.catch_warnings():
+            warnings.filterwarnings(
+                'ignore', message='The given NumPy array is not writable',
+                category=UserWarning)
+            warnings.filterwarnings(
+                'ignore', message="__array__ implementation doesn't accept",
+                category=DeprecationWarning)
+            return super().load_data_list()
 
     @classmethod
     def idx_files(cls):

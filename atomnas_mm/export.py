@@ -30,6 +30,7 @@ import copy
 import json
 import os
 import os.path as osp
+import warnings
 
 import torch
 
@@ -41,6 +42,9 @@ SEARCH_HOOKS = ('AtomShrinkHook', 'BNL1PenaltyHook')
 # another network (the stem width defaults to 32).
 REQUIRED_KEYS = ('rows', 'stem_channels')
 DEFAULT_INPUT_SIZE = 224
+# Arch keys that describe the blocks (a search changes them): never taken
+# from the search config, never dropped from a module config.
+STRUCTURE_KEYS = ('rows', 'stages')
 
 
 # -- checkpoints ---------------------------------------------------------------
@@ -145,7 +149,8 @@ def complete_archs(archs, model_cfg, where):
         for key in ARCH_KEYS:
             value = next((s[key] for s in sources if s.get(key) is not None),
                          None)
-            if key not in arch and key != 'rows' and value is not None:
+            if key not in arch and key not in STRUCTURE_KEYS and \
+                    value is not None:
                 arch[key] = copy.deepcopy(value)
         for key in REQUIRED_KEYS:
             if key not in arch:
@@ -179,7 +184,7 @@ def inject_archs(model_cfg, archs, refs=None):
     for path, arch in archs.items():
         node = _module_cfg(model_cfg, path)
         for key in ARCH_KEYS:
-            if key != 'rows' and key in arch:
+            if key not in STRUCTURE_KEYS and key in arch:
                 node.pop(key, None)
         node['arch'] = refs[path] if refs is not None else arch
     return model_cfg
@@ -390,8 +395,9 @@ def input_size(cfg):
     for transform in reversed(pipeline):
         if str(transform.get('type', '')).endswith('CenterCrop') and \
                 transform.get('crop_size') is not None:
-            size = _pair(transform['crop_size'], 'CenterCrop.crop_size')
-            return (size[1], size[0])  # mmcv's crop_size is (w, h)
+            width, height = _pair(transform['crop_size'],
+                                  'CenterCrop.crop_size')  # mmcv: (w, h)
+            return (height, width)
     return (DEFAULT_INPUT_SIZE, DEFAULT_INPUT_SIZE)
 
 
@@ -458,7 +464,14 @@ def export_onnx(model, out, shape=(224, 224), opset=17, softmax=False):
     """
     module = OnnxClassifier(model, softmax).eval()
     dummy = torch.randn(1, input_channels(model), *shape)
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # The TorchScript exporter is chosen on purpose (the dynamo one needs
+        # onnxscript); torch warns that it is the legacy one.
+        warnings.filterwarnings('ignore', category=DeprecationWarning,
+                                message='You are using the legacy '
+                                'TorchScript-based ONNX export')
+        warnings.filterwarnings('ignore', category=DeprecationWarning,
+                                message='The feature will be removed')
         torch.onnx.export(
             module, (dummy, ), out, dynamo=False, opset_version=opset,
             input_names=['input'], output_names=['output'],
