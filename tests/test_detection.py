@@ -358,12 +358,7 @@ def test_search_in_detector_with_mmdet_tools(detector, coco, tmp_path):
           f'{searched[1] / 1e6:.3f}M at 64 px; bbox_mAP {mAP[-1]}')
 
 
-@pytest.mark.xfail(
-    strict=True, raises=AssertionError,
-    reason='mmengine refuses parameters replaced inside init_weights, and '
-    'the Runner builds the optimizer and EMA copy before init_weights: '
-    'AtomNAS.init_weights must narrow first and AtomShrinkHook make the '
-    'optimizer and EMA follow (proposed in issue 10)')
+@pytest.mark.slow
 def test_pretrained_init_from_a_shrunk_checkpoint(coco, tmp_path):
     """init_cfg=Pretrained of a mid-search classifier checkpoint narrows the
     supernet of the unedited search config, alone and in a Runner."""

@@ -64,8 +64,11 @@ val_dataloader = dict(
     num_workers=2,
     persistent_workers=True,
     pin_memory=False,
+    # Image files (inference) are read as 3 equal BGR channels: keep one.
     dataset=dict(**dataset, split='test',
-                 pipeline=[dict(type='PackInputs')]),
+                 pipeline=[dict(type='RandomGrayscale', prob=1.0,
+                                channel_weights=(1., 0., 0.)),
+                           dict(type='PackInputs')]),
     sampler=dict(type='DefaultSampler', shuffle=False))
 val_evaluator = dict(type='Accuracy', topk=(1, ))
 test_dataloader = val_dataloader

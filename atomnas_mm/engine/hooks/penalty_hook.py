@@ -1,7 +1,7 @@
 """Hook adding the resource-aware BN-L1 penalty to the training loss."""
 from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
-from mmengine.optim import OptimWrapper
+from mmengine.optim import OptimWrapper, OptimWrapperDict
 
 from ...registry import HOOKS
 from ...search.costs import set_penalty_weights
@@ -69,7 +69,8 @@ class BNL1PenaltyHook(Hook):
 
     def before_train(self, runner):
         optim_wrapper = runner.optim_wrapper
-        if not isinstance(optim_wrapper, OptimWrapper):
+        if not isinstance(optim_wrapper, OptimWrapper) or isinstance(
+                optim_wrapper, OptimWrapperDict):
             raise TypeError('BNL1PenaltyHook needs a single OptimWrapper, got '
                             f'{type(optim_wrapper).__name__}')
         if self.rho != 0 and not penalised_atoms(runner.model)[0]:

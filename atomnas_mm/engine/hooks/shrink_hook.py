@@ -140,6 +140,7 @@ class AtomShrinkHook(Hook):
                 f'{type(optim_wrapper).__name__}' + (
                     ' (several optimizers)' if isinstance(
                         optim_wrapper, OptimWrapperDict) else ''))
+        self._follow_load_narrowing(runner)
         check_optimizer(optim_wrapper.optimizer, model)
         if self.controller is not None and \
                 self.controller.initial_cost is None:
@@ -161,7 +162,7 @@ class AtomShrinkHook(Hook):
         if not self.by_epoch:
             last = self.is_last_train_iter(runner)
             if last or self.every_n_train_iters(runner, self.interval):
-                self.shrink_if_due(runner, runner.epoch, runner.iter + 1,
+                self.shrink_if_due(runner, runner.epoch + 1, runner.iter + 1,
                                    final=last and self.final_shrink)
 
     # -- the work -------------------------------------------------------------
@@ -206,7 +207,8 @@ class AtomShrinkHook(Hook):
         """Decide dead atoms and shrink when the trigger agrees.
 
         Args:
-            epoch (int): Epochs completed (for logs and history).
+            epoch (int): The 1-based epoch (as mmengine's log counts) in or
+                after which the check runs.
             iteration (int): Iterations completed.
             final (bool): The final shrink (EMA weights alone decide).
 
@@ -266,6 +268,27 @@ class AtomShrinkHook(Hook):
             runner.model = runner.wrap_model(
                 copy.deepcopy(runner.cfg.get('model_wrapper_cfg')), model)
 
+    def _follow_load_narrowing(self, runner):
+        """Backbones that narrowed themselves while weights were loaded
+        (``init_cfg=Pretrained`` of a search checkpoint, after the Runner
+        built optimizer, EMA copy and DDP wrapper): make those follow, the
+        EMA copy taking the loaded weights."""
+        model = self._model(runner)
+        remap = {}
+        for backbone in find_backbones(model).values():
+            remap.update(backbone.__dict__.pop('load_remap', {}))
+        if not remap:
+            return
+        archs = current_archs(model)
+
+        def narrow_ema(ema):
+            reshape_to_arch(ema, archs)
+            ema.load_state_dict(model.state_dict())
+
+        self._update_holders(runner, remap, narrow_ema)
+        runner.logger.info('AtomShrinkHook: optimizer and EMA copy follow '
+                           'the backbone narrowed to its loaded weights')
+
     # -- checkpoints ----------------------------------------------------------
     def before_save_checkpoint(self, runner, checkpoint):
         meta = checkpoint.setdefault('meta', {})
@@ -308,7 +331,7 @@ class AtomShrinkHook(Hook):
             runner.logger.info(
                 f'AtomShrinkHook: removed {sum(removed.values())} atoms '
                 f'({removed_cost / 1e6:.3f}M by {type(self.cost).__name__}) '
-                f'after epoch {epoch}, iter {iteration}; backbone now '
+                f'in epoch {epoch}, after iter {iteration}; backbone now '
                 f'{flops / 1e6:.3f}M FLOPs, {params / 1e6:.3f}M params, cost '
                 f'{cost:.6g}; per block '
                 f'{removed}; rows {archs}')
@@ -323,7 +346,7 @@ class AtomShrinkHook(Hook):
         a picture that cannot be written is logged, training goes on."""
         images = {('arch' if len(archs) == 1 else f'arch_{path}'): draw_arch(
             arch, flops=flops,
-            title=f'{path} after epoch {epoch}, iter {iteration}')
+            title=f'{path}, epoch {epoch}, iter {iteration}')
             for path, arch in archs.items()}
         images['flops'] = draw_flops_curve(self.history, x='iter')
         for name, img in images.items():

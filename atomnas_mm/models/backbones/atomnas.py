@@ -49,9 +49,10 @@ class AtomNAS(BaseBackbone):
     checkpoint taken during or after a search) first removes the atoms the
     checkpoint does not have, keeping the first ``h`` of every kernel group,
     so ``load_checkpoint``, ``get_model(pretrained=...)`` and
-    ``init_cfg=Pretrained`` work with the unedited search config. Do this
-    before an optimizer is built on the model (the Runner's AtomShrinkHook
-    handles resuming, where it also reshapes optimizer and EMA).
+    ``init_cfg=Pretrained`` work with the unedited search config. The
+    parameter remapping is kept in ``load_remap``: in a Runner,
+    AtomShrinkHook makes the optimizer, the EMA copy and DDP follow it at
+    ``before_train`` (the Runner builds them before ``init_weights``).
     """
 
     def __init__(self, arch='supernet', stem_channels=None, last_channels=None,
@@ -266,8 +267,20 @@ class AtomNAS(BaseBackbone):
                 block.check_keep(keep)
         except ValueError:
             return  # not a narrowing: reported as a mismatch
+        remap = {}
         for block, keep in plan.items():
-            block.remove_atoms(keep, fold=False)
+            remap.update(block.remove_atoms(keep, fold=False))
+        # What holds the old parameters (an optimizer or EMA copy built
+        # before init_weights) is made to follow by AtomShrinkHook.
+        self.load_remap = {**getattr(self, 'load_remap', {}), **remap}
+        info = getattr(self, '_params_init_info', None)
+        if info is not None:  # inside mmengine's init_weights: register
+            for change in remap.values():
+                if change.new is not None:
+                    info[change.new]['init_info'] = \
+                        'narrowed to the checkpoint widths, then loaded'
+                    info[change.new]['tmp_mean_value'] = \
+                        change.new.data.mean().cpu()
 
     def _freeze_stages(self):
         if self.frozen_stages >= 0:
