@@ -195,8 +195,8 @@ def test_search_shrinks_mid_run_and_logs_what_it_does(search):
     from atomnas_mm.models import AtomNAS
     from atomnas_mm.models.cost import count_flops_params
     log = search['log']
-    shrinks = re.findall(r'AtomShrinkHook: removed \d+ atoms .* after epoch '
-                         r'\d+, iter (\d+)', log)
+    shrinks = re.findall(r'AtomShrinkHook: removed \d+ atoms .* in epoch '
+                         r'\d+, after iter (\d+)', log)
     assert len(shrinks) >= 2 and int(shrinks[0]) <= 8, shrinks  # in epoch 1
 
     # Point 5: every name in the log line and in the scalars file.
