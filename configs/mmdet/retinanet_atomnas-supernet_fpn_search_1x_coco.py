@@ -7,8 +7,8 @@
 #   python tools/test.py CONFIG WORK_DIR/epoch_12.pth   # the unedited config
 #
 # Set `model.backbone.init_cfg.checkpoint` to an ImageNet checkpoint of the
-# same supernet (stem 16, as configs/atomnas_a.py), taken before its first
-# shrink. The logs count the backbone alone (`backbone_flops` for an
+# same supernet (stem 16, as configs/atomnas_a.py), taken before or during
+# its search: the backbone narrows to the checkpoint's widths. The logs count the backbone alone (`backbone_flops` for an
 # input_size x input_size image, `backbone_params`); the FPN in_channels
 # hold for every searched net of the supernet. rho is AtomNAS-A's ImageNet
 # value and the ramp one epoch: neither is tuned for detection.
