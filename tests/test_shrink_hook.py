@@ -190,3 +190,21 @@ def test_mismatched_checkpoint_raises(tmp_path):
                                                 'epoch_1.pth')))
     with pytest.raises(ValueError, match='kernel 3 needs 6 atoms'):
         runner2.train()
+
+
+def test_narrowing_on_load_without_the_hook_is_refused(tmp_path):
+    """load_from a shrunk checkpoint into the supernet of a config without
+    AtomShrinkHook: the optimizer would keep the old tensors, so training
+    refuses to start and says what to do."""
+    runner = build(make_cfg(str(tmp_path / 'a'), max_epochs=1),
+                   [KillAtomsHook(SCHEDULE)])
+    runner.train()
+    cfg = make_cfg(str(tmp_path / 'b'), max_epochs=1,
+                   load_from=osp.join(str(tmp_path / 'a'), 'epoch_1.pth'))
+    cfg['custom_hooks'] = [dict(type='atomnas_mm.BNL1PenaltyHook', rho=0,
+                                weight_decay=1e-4)]
+    record = RecordHook()
+    with pytest.raises(ValueError, match='narrowed itself to the loaded '
+                       'checkpoint .* add atomnas_mm.AtomShrinkHook'):
+        build(cfg, [record]).train()
+    assert record.losses == []

@@ -73,13 +73,23 @@ class BNL1PenaltyHook(Hook):
                 optim_wrapper, OptimWrapperDict):
             raise TypeError('BNL1PenaltyHook needs a single OptimWrapper, got '
                             f'{type(optim_wrapper).__name__}')
+        model = runner.model.module if is_model_wrapper(runner.model) \
+            else runner.model
+        narrowed = any(getattr(b, 'load_remap', None)
+                       for b in find_backbones(model).values())
+        if narrowed and not any(type(h).__name__ == 'AtomShrinkHook'
+                                for h in runner.hooks):
+            raise ValueError(
+                'BNL1PenaltyHook: the AtomNAS backbone narrowed itself to the '
+                'loaded checkpoint after the Runner built the optimizer; add '
+                'atomnas_mm.AtomShrinkHook to custom_hooks (it makes the '
+                'optimizer and EMA follow) or build the backbone with the '
+                "checkpoint's arch (meta['atomnas_arch'], arch.json)")
         if self.rho != 0 and not penalised_atoms(runner.model)[0]:
             raise ValueError('BNL1PenaltyHook: the model has no searchable '
                              'AtomNAS block, the penalty would be 0')
         cost = self.cost or getattr(self._controller(runner), 'cost', None)
         if cost is not None and runner.iter == 0:  # resumed: weights loaded
-            model = runner.model.module if is_model_wrapper(runner.model) \
-                else runner.model
             for backbone in find_backbones(model).values():
                 set_penalty_weights(backbone, cost)
         own = vars(optim_wrapper).get('update_params')
