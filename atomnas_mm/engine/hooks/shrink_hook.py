@@ -197,6 +197,12 @@ class AtomShrinkHook(Hook):
         runner.message_hub.update_scalar('train/budget_scale',
                                          controller.scale)
         over = final and live > controller.target * (1 + controller.tolerance)
+        if over:
+            runner.logger.warning(
+                f'AtomShrinkHook: the penalty did not reach the target '
+                f'({live:.6g} > {controller.target:.6g}); the final shrink '
+                'removes the weakest live atoms down to it (BN re-calibration '
+                'follows when BNRecalibrationHook is configured)')
         candidates = {name: torch.ones_like(s, dtype=torch.bool) if over
                       else self.criterion.dead(s)
                       for name, s in strengths.items()}
