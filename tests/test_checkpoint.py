@@ -31,6 +31,7 @@ from torch.utils.data import Dataset
 import atomnas_mm.checkpoint  # noqa: F401  (the allowlist under test)
 from atomnas_mm.checkpoint import (CheckpointMismatchError,
                                    UnreadableCheckpointError)
+from atomnas_mm.datasets import DEBIAN_ROOT
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
@@ -360,18 +361,18 @@ def test_code_in_checkpoint_is_refused(tmp_path, tiny_arch):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not osp.isdir(DEBIAN_ROOT),
+                    reason='needs the Debian package dataset-fashion-mnist')
 def test_damaged_file_named_by_test_tool(damaged, tmp_path):
-    """tools/test.py stops with the file named (before any data is read)."""
-    config = tmp_path / 'toy.py'
-    config.write_text(
-        "_base_ = ['%s']\n"
-        "test_dataloader = dict(dataset=dict(data_root='%s'))\n" % (
-            osp.join(ROOT, 'configs/demo/atomnas_fashion_mnist.py'),
-            tmp_path / 'no_data'))
+    """tools/test.py on the demo config stops with the file named."""
     path = damaged['flipped_pickle']
     out = subprocess.run(
-        [sys.executable, osp.join(ROOT, 'tools/test.py'), str(config), path,
-         '--work-dir', str(tmp_path / 'work')],
+        [sys.executable, osp.join(ROOT, 'tools/test.py'),
+         osp.join(ROOT, 'configs/demo/atomnas_fashion_mnist.py'), path,
+         '--work-dir', str(tmp_path / 'work'), '--cfg-options',
+         f'test_dataloader.dataset.cache_dir={tmp_path / "data"}',
+         'test_dataloader.dataset.indices=8', 'test_dataloader.num_workers=0',
+         'test_dataloader.persistent_workers=False'],
         capture_output=True, text=True, timeout=600, cwd=str(tmp_path))
     assert out.returncode != 0
     assert f'{path} is not a readable checkpoint' in out.stderr, \
