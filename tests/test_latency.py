@@ -36,9 +36,12 @@ def test_round_trip_on_a_tiny_net(measured):
         k = row[3][0]
         row[3], row[4] = [k], [entry['kernels'][str(k)]['widths'][-1]]
     single = AtomNAS(arch=arch)
+    # (the cost model's copy of the table: noise-free monotone curves)
     want = table['stem_ms'] + table['head_ms'] + sum(
         e['kernels'][str(r[3][0])]['ms'][-1]
-        for e, r in zip(table['blocks'], arch['rows']))
+        for e, r in zip(cost.table['blocks'], arch['rows']))
+    assert all(c['ms'] == sorted(c['ms']) for e in cost.table['blocks']
+               for c in e['kernels'].values())
     assert cost.total(single) == pytest.approx(want)
     # Fewer atoms never cost more; every atom costs >= 0.
     assert cost.total(AtomNAS(arch=random_subnet(net))) <= cost.total(net)

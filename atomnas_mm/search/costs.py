@@ -151,7 +151,7 @@ class LatencyCost:
                                  f'{table}: {e}') from None
         if not isinstance(table, dict) or 'blocks' not in table:
             raise ValueError('table: not a latency table (no "blocks")')
-        self.table = table
+        self.table = _monotone(table)
 
     def _entries(self, backbone):
         entries = self.table['blocks']
@@ -206,6 +206,24 @@ class LatencyCost:
         return self.table['stem_ms'] + self.table['head_ms'] + sum(
             self.block_ms(entry, block.atom_groups())
             for entry, block in self._entries(backbone))
+
+
+def _monotone(table):
+    """A copy of ``table`` whose curves never fall with width (timing noise
+    removed by a running maximum) and whose bases are at most their
+    narrowest sample, so that fewer atoms never predict more latency."""
+    import copy
+    table = copy.deepcopy(table)
+    for entry in table['blocks']:
+        lowest = min([c['ms'][0] for c in entry['kernels'].values()] +
+                     [entry['base_ms']])
+        entry['base_ms'] = lowest
+        for curve in entry['kernels'].values():
+            running = []
+            for ms in curve['ms']:
+                running.append(max(ms, running[-1] if running else lowest))
+            curve['ms'] = running
+    return table
 
 
 def _interp(x, xs, ys):
