@@ -358,7 +358,7 @@ class AtomShrinkHook(Hook):
         for name, img in images.items():
             save_image_or_warn(img, osp.join(runner.work_dir, f'{name}.png'),
                                logger=runner.logger)
-            runner.visualizer.add_image(name, img, step=runner.iter)
+            runner.visualizer.add_image(name, img, step=iteration)
 
     @staticmethod
     def _model(runner):
