@@ -23,6 +23,7 @@ from atomnas_mm.engine.hooks import (AtomShrinkHook, MemoryFormatHook,
                                      to_memory_format)
 from atomnas_mm.engine.hooks.memory_format_hook import format_strides
 from atomnas_mm.models import AtomNAS, count_flops_params
+from atomnas_mm.models import blocks
 from atomnas_mm.models.blocks import AtomicBlock, _forward_state
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
@@ -79,7 +80,7 @@ def shrink(model):
 @pytest.fixture
 def calls(monkeypatch):
     """Counts of the fast forms run (so that a test sees them used)."""
-    counts = dict(_per_kernel_branch=0, _inference_branch=0)
+    counts = dict(_per_kernel_branch=0, _inference_forward=0)
     for name in counts:
         orig = getattr(AtomicBlock, name)
 
@@ -172,16 +173,39 @@ def test_eval_forms_equal_modules(se_ratio, calls):
     x = input_like(fast)
     # with autograd: the module form, same gradients
     run_steps(fast, ref, x, steps=1)
-    assert calls == dict(_per_kernel_branch=0, _inference_branch=0)
+    assert calls == dict(_per_kernel_branch=0, _inference_forward=0)
     with torch.no_grad():
         assert close(fast(x)[-1], ref(x)[-1])
     with torch.inference_mode():
         assert close(fast(x)[-1], ref(x)[-1])
-    assert calls['_inference_branch'] == 2 * 5  # every block, twice
+    assert calls['_inference_forward'] == 2 * 5  # every block, twice
 
 
-def test_float32_within_1e5(calls):
-    fast, ref = pair(dtype=torch.float32, se_ratio=0.5)
+class CountingOp:
+    """Stands in for ``torch.ops.mkldnn._convolution_pointwise``."""
+
+    def __init__(self, op):
+        self.op, self.calls = op, dict(unary=0, binary=0)
+
+    def __call__(self, *args):
+        self.calls['unary'] += 1
+        return self.op(*args)
+
+    def binary(self, *args):
+        self.calls['binary'] += 1
+        return self.op.binary(*args)
+
+
+@pytest.mark.parametrize('act', ['ReLU', 'ReLU6', 'Swish', 'HSwish'])
+def test_float32_within_1e5(act, calls, monkeypatch):
+    """float32, where on CPU the inference form fuses each conv with its
+    activation (and the projection with the residual) in oneDNN."""
+    op = CountingOp(blocks._FUSED_CONV)
+    monkeypatch.setattr(blocks, '_FUSED_CONV', op)
+    # 1x1 convs at batch 4 are fused when torch would run oneDNN: threads > 1
+    monkeypatch.setattr(torch, 'get_num_threads', lambda: 2)
+    fast, ref = pair(dtype=torch.float32, se_ratio=0.5,
+                     act_cfg=dict(type=act))
     x = input_like(fast)
     for mode in (True, False):
         fast.train(mode)
@@ -190,7 +214,10 @@ def test_float32_within_1e5(calls):
             out_f, out_r = fast(x)[-1], ref(x)[-1]
         scale = out_r.abs().max()
         assert (out_f - out_r).abs().max() <= 1e-5 * scale
-    assert calls['_per_kernel_branch'] == 3 and calls['_inference_branch'] == 5
+    assert calls['_per_kernel_branch'] == 3 and calls['_inference_forward'] == 5
+    # expand (4 blocks) and depthwise (5) with the activation, projection
+    # with the residual (2 residual blocks; alone it needs no fusion)
+    assert op.calls == dict(unary=9, binary=2)
 
 
 def test_inference_cache_follows_every_change(calls):
@@ -249,7 +276,7 @@ def test_inference_cache_follows_every_change(calls):
         for p in fast.parameters():
             p.zero_()
         assert not torch.allclose(fast(x)[-1], ref(x)[-1])
-    assert calls['_inference_branch'] > 0
+    assert calls['_inference_forward'] > 0
 
 
 def test_hooks_and_tracing_see_the_modules(calls):
@@ -260,7 +287,7 @@ def test_hooks_and_tracing_see_the_modules(calls):
         count_flops_params(ref, (1, 3, 32, 32))
     x = input_like(fast, batch=1)
     traced = torch.jit.trace(fast.eval(), x, check_trace=False)
-    assert calls == dict(_per_kernel_branch=0, _inference_branch=0)
+    assert calls == dict(_per_kernel_branch=0, _inference_forward=0)
     with torch.no_grad():
         assert torch.allclose(traced(x)[-1], ref.eval()(x)[-1], atol=1e-5)
 

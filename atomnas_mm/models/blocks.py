@@ -15,6 +15,7 @@ remapping optimizer and EMA need (:meth:`remove_atoms`), its inference form
 module only.
 """
 import copy
+import operator
 import weakref
 from typing import NamedTuple, Optional
 
@@ -299,6 +300,11 @@ class AtomicBlock(BaseModule):
     def forward(self, x):
         if self.project is None:
             return x + self.bias.view(1, -1, 1, 1)
+        if not self.training and self.cache_inference \
+                and not torch.is_grad_enabled():
+            form = _inference_form(self)
+            if form is not None:
+                return self._inference_forward(x, form)
         if self.with_cp and x.requires_grad:
             out = cp.checkpoint(self._residual_branch, x, use_reentrant=False)
         else:
@@ -306,17 +312,11 @@ class AtomicBlock(BaseModule):
         return x + out if self.use_res else out
 
     def _residual_branch(self, x):
-        state = _forward_state(self)
-        if state is not None:
-            if self.training:
-                if state.multi and self.train_forms.get(
-                        x.device.type) == 'per_kernel':
-                    return self._per_kernel_branch(x)
-            elif (self.cache_inference and not torch.is_grad_enabled()
-                  and state.foldable and not _bn_training(state.mods)):
-                form = _inference_form(self, state)
-                if form is not None:
-                    return self._inference_branch(x, form)
+        if self.training and self.train_forms.get(x.device.type) == \
+                'per_kernel':
+            state = _forward_state(self)
+            if state is not None and state.multi:
+                return self._per_kernel_branch(x)
         return self._module_branch(x)
 
     def _module_branch(self, x):
@@ -365,20 +365,20 @@ class AtomicBlock(BaseModule):
             out = out.add_(F.conv2d(h, w))
         return self.project.norm(out)
 
-    def _inference_branch(self, x, form):
-        """The cached inference form (eval, no autograd)."""
-        expand, (dw_weight, dw_bias, stride, padding), project = form
-        if expand is not None:
-            x = F.conv2d(x, *expand)
-            if self.expand.with_activation:
-                x = self.expand.activate(x)
-        x = F.conv2d(x, dw_weight, dw_bias, stride, padding, 1, x.shape[1])
-        first = next(iter(self.dw.values()))
-        if first.with_activation:
-            x = first.activate(x)
+    def _inference_forward(self, x, form):
+        """The whole block through its cached inference form (eval, no
+        autograd). On CPU in float32 each conv runs with its activation, the
+        projection with the residual addition, fused in one oneDNN call."""
+        fuse = form.fusable and _FUSED_CONV is not None \
+            and x.device.type == 'cpu' and torch.backends.mkldnn.enabled \
+            and not torch.is_autocast_enabled('cpu')
+        *expand, dw, project = form.steps
+        out = _conv_forward(x, expand[0], fuse) if expand else x
+        out = _conv_forward(out, dw, fuse)
         if self.se is not None:
-            x = self.se(x)
-        return F.conv2d(x, *project)
+            out = self.se(out)
+        return _conv_forward(out, project, fuse,
+                             residual=x if self.use_res else None)
 
     def train(self, mode=True):
         _INFERENCE_CACHE.pop(self, None)
@@ -467,10 +467,51 @@ _NORM_TENSORS = (('_parameters', 'weight'), ('_parameters', 'bias'),
                  ('_buffers', 'num_batches_tracked'))
 
 
+def _fused_conv_op():
+    try:
+        return torch.ops.mkldnn._convolution_pointwise
+    except (AttributeError, RuntimeError):  # a build without oneDNN
+        return None
+
+
+_FUSED_CONV = _fused_conv_op()
+# oneDNN post-ops for the activations mmcv builds, by module type
+_FUSED_ACTS = {nn.ReLU: ('relu', []), nn.ReLU6: ('hardtanh', [0.0, 6.0]),
+               nn.SiLU: ('swish', []), nn.Hardswish: ('hardswish', []),
+               type(None): ('none', [])}
+try:
+    from mmcv.cnn.bricks.hswish import HSwish
+    from mmcv.cnn.bricks.swish import Swish
+    _FUSED_ACTS.update({Swish: ('swish', []), HSwish: ('hardswish', [])})
+except ImportError:  # pragma: no cover
+    pass
+
+
 class _ForwardState(NamedTuple):
-    mods: list  # expand, se, then (ConvModule, conv, norm) per layer
+    # [expand, se] + (ConvModule, conv, norm, activation) per layer, layers
+    # in the order project, depthwise..., [expand]
+    mods: list
     multi: bool  # per_kernel form applies (expand + several kernel groups)
     foldable: bool  # inference form applies (one dw activation type)
+
+
+class _ConvStep(NamedTuple):
+    weight: torch.Tensor
+    bias: torch.Tensor
+    stride: list
+    padding: list
+    groups: int
+    act: Optional[nn.Module]
+    post: Optional[tuple]  # oneDNN post-op of act, None when unfusable
+
+
+class _InferenceForm(NamedTuple):
+    state: _ForwardState
+    entries: list  # (dict, key) of every folded tensor
+    tensors: list  # ... those tensors, and their versions
+    versions: list
+    steps: list  # [expand,] depthwise, projection
+    fusable: bool  # float32 weights
 
 
 def _child(module, name):
@@ -486,18 +527,21 @@ def _block_modules(block):
     if expand is not None:
         cms.append(expand)
     for cm in cms:
-        mods += [cm, cm._modules.get('conv'),
-                 cm._modules.get(getattr(cm, 'norm_name', None))]
+        children = cm._modules
+        mods += [cm, children.get('conv'),
+                 children.get(getattr(cm, 'norm_name', None)),
+                 children.get('activate')]
     return mods
 
 
-def _plain(cm, conv, norm, pointwise):
+def _plain(cm, conv, norm, act, pointwise):
     """ConvModule conv -> BatchNorm2d -> [act], zero padding, no conv bias."""
     if (not isinstance(cm, ConvModule) or tuple(cm.order) != ('conv', 'norm',
                                                                'act')
             or cm.with_explicit_padding or type(conv) is not nn.Conv2d
             or type(norm) is not nn.BatchNorm2d or conv.bias is not None
-            or conv.padding_mode != 'zeros' or conv.dilation != (1, 1)):
+            or conv.padding_mode != 'zeros' or conv.dilation != (1, 1)
+            or (act is None) == cm.with_activation):
         return False
     if pointwise:
         return conv.kernel_size == (1, 1) and conv.stride == (1, 1) \
@@ -525,14 +569,13 @@ def _forward_state(block):
         return None
     mods = _block_modules(block)
     state = _FORWARD_STATE.get(block)
-    if state is None or len(state.mods) != len(mods) or any(
-            a is not b for a, b in zip(state.mods, mods)):
-        layers = [mods[i:i + 3] for i in range(2, len(mods), 3)]
+    if state is None or len(state.mods) != len(mods) or not all(
+            map(operator.is_, mods, state.mods)):
+        layers = [mods[i:i + 4] for i in range(2, len(mods), 4)]
         pointwise = [True] + [False] * len(block.dw) + [True]  # project, dw,
         plain = all(_plain(*layer, pointwise=p)  # [expand]
                     for layer, p in zip(layers, pointwise))
-        acts = {type(cm.activate) if cm.with_activation else None
-                for cm in block.dw.values()}
+        acts = {type(layer[3]) for layer in layers[1:1 + len(block.dw)]}
         state = _ForwardState(
             mods, plain and mods[0] is not None and len(block.dw) > 1,
             plain and len(acts) == 1)
@@ -540,10 +583,6 @@ def _forward_state(block):
     if not (state.multi or state.foldable) or _has_hooks(block, mods):
         return None
     return state
-
-
-def _bn_training(mods):
-    return any(m.training for m in mods[4::3])
 
 
 def _bn_step(norm):
@@ -578,24 +617,30 @@ def _fold(conv, norm):
     return weight.to(dtype), bias.to(dtype)
 
 
-def _inference_form(block, state):
-    """The block's cached inference form, rebuilt when stale; None when its
-    tensors cannot be checked (inference tensors have no version counter)."""
-    entries = []
-    for norm in state.mods[4::3]:
-        entries += [(getattr(norm, d), k) for d, k in _NORM_TENSORS]
-    entries += [(conv._parameters, 'weight') for conv in state.mods[3::3]]
+def _inference_form(block):
+    """The block's cached :class:`_InferenceForm`, rebuilt when stale; None
+    when the module form must run (see :func:`_forward_state`; BN in
+    training mode; inference tensors, which have no version counter)."""
+    state = _forward_state(block)
+    if state is None or not state.foldable:
+        return None
+    norms = state.mods[4::4]
+    if any(norm.training for norm in norms):
+        return None
     cached = _INFERENCE_CACHE.get(block)
-    if cached is not None and cached[0] is state and all(
-            d[k] is t and (t is None or t._version == v)
-            for (d, k), (t, v) in zip(entries, cached[1])):
-        return cached[2]
+    if cached is not None and cached.state is state:
+        tensors = [d[k] for d, k in cached.entries]
+        if all(map(operator.is_, tensors, cached.tensors)) and \
+                [t._version for t in tensors] == cached.versions:
+            return cached
+    entries = [(getattr(norm, d), k) for norm in norms
+               for d, k in _NORM_TENSORS]
+    entries += [(conv._parameters, 'weight') for conv in state.mods[3::4]]
+    entries = [(d, k) for d, k in entries if d[k] is not None]
     tensors = [d[k] for d, k in entries]
-    if any(t is not None and t.is_inference() for t in tensors):
+    if any(t.is_inference() for t in tensors):
         return None
     with torch.no_grad():
-        expand = block.expand
-        expand = None if expand is None else _fold(expand.conv, expand.norm)
         branches = list(block.dw.values())
         size = max(m.conv.kernel_size[0] for m in branches)
         weights, biases = [], []
@@ -604,12 +649,62 @@ def _inference_form(block, state):
             pad = (size - m.conv.kernel_size[0]) // 2
             weights.append(F.pad(weight, [pad] * 4) if pad else weight)
             biases.append(bias)
-        dw = (torch.cat(weights), torch.cat(biases), branches[0].conv.stride,
-              size // 2)
-        form = (expand, dw, _fold(block.project.conv, block.project.norm))
-    versions = [(t, None if t is None else t._version) for t in tensors]
-    _INFERENCE_CACHE[block] = (state, versions, form)
+        dw_act = state.mods[9]  # activation of the first depthwise layer
+        steps = [_ConvStep(torch.cat(weights), torch.cat(biases),
+                           list(branches[0].conv.stride), [size // 2] * 2,
+                           sum(block.hidden), dw_act,
+                           _FUSED_ACTS.get(type(dw_act))),
+                 _ConvStep(*_fold(block.project.conv, block.project.norm),
+                           [1, 1], [0, 0], 1, None, ('none', []))]
+        if block.expand is not None:
+            act = state.mods[-1]
+            steps.insert(0, _ConvStep(
+                *_fold(block.expand.conv, block.expand.norm), [1, 1], [0, 0],
+                1, act, _FUSED_ACTS.get(type(act))))
+    form = _InferenceForm(state, entries, tensors,
+                          [t._version for t in tensors], steps,
+                          steps[0].weight.dtype == torch.float32)
+    _INFERENCE_CACHE[block] = form
     return form
+
+
+def _conv_forward(x, step, fuse, residual=None):
+    """``act(conv2d(x))`` (+ ``residual``) of a :class:`_ConvStep`.
+
+    With ``fuse`` (CPU, float32), where ``F.conv2d`` would run oneDNN
+    anyway, one oneDNN convolution with the activation or the addition as
+    post-op (``torch.ops.mkldnn._convolution_pointwise``, the kernel
+    TorchInductor uses); else ``F.conv2d`` and the activation module.
+    """
+    if fuse and (residual is None) != (step.act is None) and \
+            step.post is not None and _uses_onednn(x, step):
+        if residual is None:
+            return _FUSED_CONV(x, step.weight, step.bias, step.padding,
+                               step.stride, [1, 1], step.groups, *step.post,
+                               '')
+        if step.act is None:
+            return _FUSED_CONV.binary(
+                x, residual, step.weight, step.bias, step.padding,
+                step.stride, [1, 1], step.groups, 'add', None, None, [],
+                None)
+    out = F.conv2d(x, step.weight, step.bias, step.stride, step.padding, 1,
+                   step.groups)
+    if step.act is not None:
+        out = step.act(out)
+    return out if residual is None else residual + out
+
+
+def _uses_onednn(x, step):
+    """Whether ``F.conv2d`` picks oneDNN for this float32 CPU conv (torch's
+    rule: single-threaded 1x1 convs at small batch run its native GEMM,
+    which is then faster; so do tiny inputs)."""
+    kh, kw = step.weight.shape[-2:]
+    batch = x.shape[0]
+    if not (step.stride != [1, 1] or batch >= 16 or kh != 1 or kw != 1
+            or torch.get_num_threads() > 1):
+        return False
+    return step.groups > 1 or (kh > 3 and kw > 3) or batch > 1 \
+        or x.numel() > 20480
 
 
 def _slice_param(module, name, dim, index, remap):

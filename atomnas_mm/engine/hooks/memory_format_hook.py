@@ -79,7 +79,8 @@ class MemoryFormatHook(Hook):
     def __init__(self, memory_format='channels_last'):
         if memory_format not in MEMORY_FORMATS:
             raise ValueError(f'memory_format: expected one of '
-                             f'{sorted(MEMORY_FORMATS)}, got {memory_format!r}')
+                             f'{sorted(MEMORY_FORMATS)}, got '
+                             f'{memory_format!r}')
         self.memory_format = memory_format
 
     def before_run(self, runner):
