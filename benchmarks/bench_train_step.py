@@ -1,17 +1,30 @@
 """(a) Supernet training step: fused layout (this project) vs per-branch.
 
-The per-branch supernet is ATOMNAS.md section 2 written literally: per
-kernel size its own 1x1 expand conv + BN + act, depthwise conv + BN + act and
-1x1 projection; the branch projections are summed, then one shared BN and
-the identity shortcut. Same parameters and FLOPs as the fused layout.
+The per-branch supernet is the method's block written literally
+(docs/method.md): per kernel size its own 1x1 expand conv + BN + act,
+depthwise conv + BN + act and 1x1 projection; the branch projections are
+summed, then one shared BN and the identity shortcut. Same parameters and
+FLOPs as the fused layout.
 
-Each implementation is timed in contiguous and channels_last memory format,
-interleaved, and its faster format is reported. Goal: fused >= 1.5x faster.
+Candidates, timed interleaved in each memory format:
+
+* ``fused``: ``AtomicBlock`` as shipped (its ``train_forms`` default for the
+  device: the per-kernel form over the fused parameters);
+* ``fused (modules)``: ``AtomicBlock`` running its modules as they are (wide
+  expand, split, cat) - the form before issue 11;
+* ``per-branch``: the reference above.
+
+Goal: fused >= 1.0x per-branch on a CPU, >= 1.5x on a GPU, in channels_last
+(the format the shipped configs train in, ``MemoryFormatHook``).
 
     .venv/bin/python benchmarks/bench_train_step.py           # quick
     .venv/bin/python benchmarks/bench_train_step.py --full    # batch 8-32
+    # on a GPU (benchmarks/gpu_check.sh):
+    python benchmarks/bench_train_step.py --settings 224 --batches 64 128 \\
+        --formats channels_last --amp
 """
 import argparse
+import copy
 import os.path as osp
 import sys
 
@@ -21,9 +34,12 @@ import torch.nn as nn
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 from _timing import device, environment, interleaved, print_table  # noqa
 from common import (DEMO, Classifier, atomnas_classifier,  # noqa
-                    imagenet_setting, prepare)
+                    imagenet_setting, prepare, set_forms)
 
 BN = dict(momentum=0.01, eps=1e-3)
+FORMATS = ('contiguous', 'channels_last')
+SETTINGS = {'224': ('224 px supernet', imagenet_setting),
+            '28': ('28 px demo supernet', lambda: DEMO)}
 
 
 def conv_bn(cin, cout, k, stride=1, groups=1, act=True):
@@ -78,51 +94,66 @@ def per_branch_classifier(setting):
     return Classifier(bb, bb.last_channels, setting['num_classes'])
 
 
-def measure(setting, batch, reps, dev):
+CANDIDATES = {
+    'fused': atomnas_classifier,
+    'fused (modules)': lambda s: set_forms(atomnas_classifier(s), 'modules'),
+    'per-branch': per_branch_classifier,
+}
+
+
+def measure(setting, batch, reps, dev, formats, amp=False):
+    """``{(candidate, format): median seconds per step}``, interleaved."""
     fns = {}
-    for impl, build in (('fused', atomnas_classifier),
-                        ('per-branch', per_branch_classifier)):
+    for name, build in CANDIDATES.items():
         torch.manual_seed(0)
         model = build(setting)
-        for fmt in ('contiguous', 'channels_last'):
-            fns[(impl, fmt)] = prepare(
-                __import__('copy').deepcopy(model), dev, fmt, batch, setting)
-    t = interleaved(fns, reps=reps, warmup=1, dev=dev)
-    best = {}
-    for impl in ('fused', 'per-branch'):
-        fmt = min(('contiguous', 'channels_last'), key=lambda f: t[(impl, f)])
-        best[impl] = (t[(impl, fmt)], fmt)
-    return t, best
+        for fmt in formats:
+            fns[(name, fmt)] = prepare(copy.deepcopy(model), dev, fmt, batch,
+                                       setting, amp=amp)
+    return interleaved(fns, reps=reps, warmup=2 if dev == 'cuda' else 1,
+                       dev=dev)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--full', action='store_true',
                         help='batch 8, 16, 32 at 224 px and on the demo')
+    parser.add_argument('--settings', nargs='+', default=['224', '28'],
+                        choices=sorted(SETTINGS))
+    parser.add_argument('--batches', type=int, nargs='+',
+                        help='override the batch sizes (all settings)')
+    parser.add_argument('--formats', nargs='+', default=list(FORMATS),
+                        choices=FORMATS)
+    parser.add_argument('--amp', action='store_true',
+                        help='CUDA autocast fp16 + GradScaler')
     parser.add_argument('--reps', type=int, default=3)
     args = parser.parse_args()
     dev = device()
-    cases = [('224 px supernet', imagenet_setting(), [8])]
-    cases.append(('28 px demo supernet', DEMO, [32]))
+    if args.amp and dev != 'cuda':
+        parser.error('--amp needs CUDA')
+    default = {'224': [8], '28': [32]}
     if args.full or dev == 'cuda':
-        cases = [(n, s, [8, 16, 32]) for n, s, _ in cases]
+        default = {'224': [8, 16, 32], '28': [8, 16, 32]}
     rows = []
-    for name, setting, batches in cases:
-        for batch in batches:
-            t, best = measure(setting, batch, args.reps, dev)
-            (tf, ff), (tb, fb) = best['fused'], best['per-branch']
-            rows.append([name, batch, f'{tf * 1e3:.1f} ({ff})',
-                         f'{tb * 1e3:.1f} ({fb})',
-                         f'{t[("fused", "contiguous")] * 1e3:.1f} / '
-                         f'{t[("fused", "channels_last")] * 1e3:.1f}',
-                         f'{t[("per-branch", "contiguous")] * 1e3:.1f} / '
-                         f'{t[("per-branch", "channels_last")] * 1e3:.1f}',
-                         f'{tb / tf:.2f}x'])
-            print(*rows[-1], flush=True)
-    print_table(['setting', 'batch', 'fused ms (format)',
-                 'per-branch ms (format)', 'fused ms cont / CL',
-                 'per-branch ms cont / CL', 'speed-up (goal >= 1.5x)'],
-                rows, title=f'(a) supernet training step, {environment()}')
+    for key in args.settings:
+        name, setting = SETTINGS[key][0], SETTINGS[key][1]()
+        for batch in args.batches or default[key]:
+            t = measure(setting, batch, args.reps, dev, args.formats,
+                        amp=args.amp)
+            for fmt in args.formats:
+                tf, tm, tb = (t[(c, fmt)] for c in CANDIDATES)
+                rows.append([name, batch, fmt, f'{tf * 1e3:.1f}',
+                             f'{tm * 1e3:.1f}', f'{tb * 1e3:.1f}',
+                             f'{tb / tf:.2f}x', f'{tb / tm:.2f}x'])
+                print(*rows[-1], flush=True)
+    amp = ', AMP fp16' if args.amp else ''
+    goal = '1.5x' if dev == 'cuda' else '1.0x'
+    print_table(['setting', 'batch', 'format', 'fused ms',
+                 'fused (modules) ms', 'per-branch ms',
+                 f'fused vs per-branch (goal >= {goal})',
+                 'modules vs per-branch'],
+                rows, title=f'(a) supernet training step{amp}, '
+                f'{environment()}')
 
 
 if __name__ == '__main__':

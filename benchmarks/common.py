@@ -46,17 +46,48 @@ def atomnas_classifier(setting, arch=None):
     return Classifier(bb, bb.last_channels, setting['num_classes'])
 
 
-def train_step(model, opt, x, y):
-    """forward + backward + optimizer step; returns a callable."""
+def set_forms(model, train=None, cache_inference=None):
+    """Pin the forward forms of every AtomicBlock of ``model`` (in place).
+
+    Args:
+        train (str, optional): ``'per_kernel'`` or ``'modules'`` on every
+            device (``AtomicBlock.train_forms``); None keeps the default.
+        cache_inference (bool, optional): ``AtomicBlock.cache_inference``.
+    """
+    from atomnas_mm.models.blocks import AtomicBlock
+    for m in model.modules():
+        if isinstance(m, AtomicBlock):
+            if train is not None:
+                m.train_forms = dict(cpu=train, cuda=train)
+            if cache_inference is not None:
+                m.cache_inference = cache_inference
+    return model
+
+
+def train_step(model, opt, x, y, amp=False):
+    """forward + backward + optimizer step; returns a callable.
+
+    With ``amp``: CUDA autocast fp16 and a GradScaler, as mmengine's
+    AmpOptimWrapper does.
+    """
+    scaler = torch.amp.GradScaler('cuda') if amp else None
+
     def step():
         opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
+        if amp:
+            with torch.autocast('cuda', dtype=torch.float16):
+                loss = F.cross_entropy(model(x), y)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        else:
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
     return step
 
 
-def prepare(model, dev, memory_format, batch, setting, lr=0.01):
+def prepare(model, dev, memory_format, batch, setting, lr=0.01, amp=False):
     """Model on ``dev`` in a memory format with its batch, optimizer, step."""
     from _timing import to_format
     model = to_format(model.to(dev), memory_format).train()
@@ -65,4 +96,4 @@ def prepare(model, dev, memory_format, batch, setting, lr=0.01):
     x = to_format(x, memory_format)
     y = torch.randint(0, setting['num_classes'], (batch, ), device=dev)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-    return train_step(model, opt, x, y)
+    return train_step(model, opt, x, y, amp=amp)

@@ -1,5 +1,6 @@
-"""torch.profiler breakdown of one supernet training step, fused vs per-branch
-(the evidence behind the product changes; see docs/benchmarks.md).
+"""torch.profiler breakdown of one supernet training step: fused (as
+shipped), fused running its modules, per-branch (the evidence behind the
+product changes; see docs/benchmarks.md).
 
     .venv/bin/python benchmarks/profile_train_step.py [--size 224 --batch 8]
 """
@@ -12,8 +13,8 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 from _timing import device, environment  # noqa
-from bench_train_step import per_branch_classifier  # noqa
-from common import DEMO, atomnas_classifier, imagenet_setting, prepare  # noqa
+from bench_train_step import CANDIDATES  # noqa
+from common import DEMO, imagenet_setting, prepare  # noqa
 
 
 def main():
@@ -28,8 +29,7 @@ def main():
     acts = [ProfilerActivity.CPU] + (
         [ProfilerActivity.CUDA] if dev == 'cuda' else [])
     print(environment())
-    for name, build in (('fused', atomnas_classifier),
-                        ('per-branch', per_branch_classifier)):
+    for name, build in CANDIDATES.items():
         torch.manual_seed(0)
         step = prepare(build(setting), dev, args.format, args.batch, setting)
         step()

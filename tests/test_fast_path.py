@@ -457,3 +457,34 @@ def test_channels_last_under_ddp(tmp_path):
     assert r0['stride_warnings'] == []
     for k, v in r0['state'].items():
         assert torch.equal(v, r1['state'][k]), k
+
+
+# -- benchmarks/gpu_check.sh (needs no GPU here) -------------------------------
+GPU_CHECK = osp.join(ROOT, 'benchmarks', 'gpu_check.sh')
+
+
+def run_gpu_check(*args):
+    import subprocess
+    import sys
+    env = dict(__import__('os').environ, PYTHON=sys.executable)
+    return subprocess.run(['bash', GPU_CHECK, *args], capture_output=True,
+                          text=True, timeout=600, env=env)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='a GPU is present')
+def test_gpu_check_fails_fast_without_cuda():
+    out = run_gpu_check()
+    assert out.returncode == 2
+    assert 'gpu_check.sh: error: no CUDA device' in out.stderr
+    assert out.stdout == ''
+
+
+@pytest.mark.slow
+def test_gpu_check_cpu_smoke():
+    out = run_gpu_check('--cpu-smoke', '--parts', 'search', 'inference')
+    assert out.returncode == 0, out.stderr[-2000:]
+    table = out.stdout[out.stdout.index('### GPU check'):]
+    assert 'CPU smoke run' in table
+    assert 'torch.cuda.memory_allocated around the shrink' in table
+    assert 'losses finite: True' in table
+    assert 'atomnas_a (deploy) / MobileNetV2 (BN folded)' in table
