@@ -6,7 +6,7 @@ import torch
 from mmengine.model import BaseModel
 
 from atomnas_mm.engine.hooks import recalibrate_bn
-from test_shrink_hook import build, make_cfg
+from harness import build, make_cfg
 
 
 class Net(BaseModel):

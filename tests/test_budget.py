@@ -3,7 +3,6 @@ decides on rank 0, and refuses targets it cannot reach."""
 import os
 import os.path as osp
 import shutil
-import socket
 
 import pytest
 import torch
@@ -11,31 +10,8 @@ import torch.multiprocessing as mp
 from mmengine.hooks import Hook
 
 from atomnas_mm.models import AtomNAS, count_flops_params
-from test_shrink_hook import ROWS, RecordHook, build, make_cfg
-
-SUPERNET = dict(rows=ROWS, stem_channels=8, last_channels=32)
-
-
-def supernet_flops():
-    return count_flops_params(AtomNAS(arch=SUPERNET), (1, 3, 32, 32))[0]
-
-
-def budget_cfg(work_dir, target, max_epochs=3, **kwargs):
-    cfg = make_cfg(work_dir, max_epochs=max_epochs, **kwargs)
-    cfg['optim_wrapper'] = dict(optimizer=dict(type='RMSprop', lr=0.05,
-                                               momentum=0.9, eps=1e-3))
-    cfg['custom_hooks'] = [
-        dict(type='EMAHook', momentum=0.5, update_buffers=True),
-        dict(type='atomnas_mm.BNL1PenaltyHook', rho=1e-2, warmup_iters=0),
-        dict(type='atomnas_mm.AtomShrinkHook', min_removed_flops=0,
-             input_size=32, by_epoch=False, interval=2, target=target,
-             deadline=0.5, tolerance=0.02),
-    ]
-    return cfg
-
-
-def shrink_hook(runner):
-    return next(h for h in runner.hooks if type(h).__name__ == 'AtomShrinkHook')
+from harness import (SUPERNET, RecordHook, budget_cfg, build, free_port,
+                     shrink_hook, supernet_flops)
 
 
 def test_lands_on_flops_target_and_never_below(tmp_path):
@@ -93,11 +69,6 @@ def test_bad_targets_fail_before_training(tmp_path, target, match):
     assert record.losses == []
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
 
 class PerturbRank1(Hook):
     """On rank 1 only, rescale the gammas before every check, so that only
@@ -132,7 +103,7 @@ def _worker(rank, world_size, port, work_dir, target):
 
 def test_ddp_ranks_with_different_gammas_decide_alike(tmp_path):
     target = dict(flops=0.6 * supernet_flops())
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), target),
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path), target),
              nprocs=2)
     r0 = torch.load(tmp_path / 'rank0.pth', weights_only=True)
     r1 = torch.load(tmp_path / 'rank1.pth', weights_only=True)

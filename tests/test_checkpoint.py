@@ -25,13 +25,12 @@ from mmengine.logging.history_buffer import HistoryBuffer
 from mmengine.registry import DefaultScope
 from mmengine.runner import Runner, load_checkpoint
 from mmpretrain.registry import MODELS
-from mmpretrain.structures import DataSample
-from torch.utils.data import Dataset
 
 import atomnas_mm.checkpoint  # noqa: F401  (the allowlist under test)
 from atomnas_mm.checkpoint import (CheckpointMismatchError,
                                    UnreadableCheckpointError)
 from atomnas_mm.datasets import DEBIAN_ROOT
+from harness import ToyData
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
@@ -43,22 +42,6 @@ EXPECTED_GLOBALS = {
     'mmengine.logging.history_buffer HistoryBuffer',
     'numpy._core.multiarray _reconstruct', 'numpy ndarray', 'numpy dtype',
     'numpy._core.multiarray scalar', '_codecs encode'}
-
-
-class ToyImages(Dataset):
-    """Four random 32 px images of two classes."""
-
-    metainfo = dict(classes=('a', 'b'))
-
-    def __len__(self):
-        return 4
-
-    def __getitem__(self, index):
-        generator = torch.Generator().manual_seed(index)
-        image = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8,
-                              generator=generator)
-        return dict(inputs=image,
-                    data_samples=DataSample().set_gt_label(index % 2))
 
 
 class RecordHook(Hook):
@@ -88,7 +71,7 @@ def runner_cfg(arch, work_dir, name, max_iters, **kwargs):
     return dict(
         model=model_cfg(arch), work_dir=work_dir, experiment_name=name,
         train_dataloader=dict(
-            dataset=ToyImages(), batch_size=2, num_workers=0,
+            dataset=ToyData(n=4, num_classes=2), batch_size=2, num_workers=0,
             sampler=dict(type='DefaultSampler', shuffle=False)),
         train_cfg=dict(by_epoch=False, max_iters=max_iters),
         optim_wrapper=dict(

@@ -7,7 +7,6 @@ import os
 import os.path as osp
 import pickle
 import re
-import socket
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -27,6 +26,7 @@ import atomnas_mm  # noqa: F401
 import atomnas_mm.engine.ema as ema_module
 from atomnas_mm.models import supernet_rows
 from atomnas_mm.utils import cpu_ddp_workaround
+from harness import free_port
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 MODEL_CONFIGS = sorted(glob.glob(osp.join(ROOT, 'configs/_base_/models/*.py')))
@@ -523,15 +523,10 @@ def test_train_test_resume(tiny_config, tmp_path):
     assert _logged_iters(work_dir) == [1, 2, 3, 4]
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
 
 def test_dist_train_two_cpu_processes(tiny_config, tmp_path):
     work_dir = str(tmp_path / 'work')
-    env = dict(ENV, PYTHON=PYTHON, PORT=str(_free_port()))
+    env = dict(ENV, PYTHON=PYTHON, PORT=str(free_port()))
     # 4 images on 2 ranks with batch 2: 1 iteration per epoch, 2 epochs.
     _run(['bash', osp.join(ROOT, 'tools/dist_train.sh'), tiny_config, '2',
           '--work-dir', work_dir, '--cfg-options', 'train_cfg.max_epochs=2'],

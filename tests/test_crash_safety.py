@@ -26,9 +26,7 @@ from mmengine.config import Config
 from mmengine.hooks import Hook
 from mmengine.registry import HOOKS
 from mmengine.runner import Runner
-from mmpretrain.structures import DataSample
 from PIL import Image
-from torch.utils.data import Dataset
 
 import atomnas_mm  # noqa: F401
 from atomnas_mm import fileio
@@ -36,6 +34,7 @@ from atomnas_mm.checkpoint import (SafeCheckpointHook,
                                    UnreadableCheckpointError, read_checkpoint)
 from atomnas_mm.datasets import DEBIAN_ROOT
 from atomnas_mm.visualization import save_image, save_image_or_warn
+from harness import ToyData
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 DEMO = osp.join(ROOT, 'configs/demo/atomnas_fashion_mnist.py')
@@ -192,24 +191,8 @@ def test_shipped_configs_save_safely(path):
 
 
 # -- in-process faults at every file operation of a save --------------------------
-class ToyImages(Dataset):
-    """Eight random 32 px images of two classes."""
-
-    metainfo = dict(classes=('a', 'b'))
-
-    def __len__(self):
-        return 8
-
-    def __getitem__(self, index):
-        generator = torch.Generator().manual_seed(index)
-        image = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8,
-                              generator=generator)
-        return dict(inputs=image,
-                    data_samples=DataSample().set_gt_label(index % 2))
-
-
 def toy_cfg(arch, work_dir, hook_type, max_epochs=3):
-    loader = dict(dataset=ToyImages(), batch_size=4, num_workers=0,
+    loader = dict(dataset=ToyData(n=8, num_classes=2), batch_size=4, num_workers=0,
                   sampler=dict(type='DefaultSampler', shuffle=False))
     return dict(
         model=dict(

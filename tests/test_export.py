@@ -26,7 +26,7 @@ REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 TESTS = osp.dirname(osp.abspath(__file__))
 DEMO = osp.join(REPO, 'configs', 'demo', 'atomnas_fashion_mnist.py')
 # The tiny search of test_shrink_hook: its arch, data and atom schedule.
-from test_shrink_hook import SCHEDULE, KillAtomsHook, make_cfg  # noqa: E402
+from harness import SCHEDULE, KillAtomsHook, make_cfg  # noqa: E402
 
 # A searched-looking 1-channel demo net (narrower than the demo supernet).
 DEMO_ROWS = [[16, 1, 1, [3], [16], False], [24, 1, 2, [3, 7], [20, 5], True],

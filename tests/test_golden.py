@@ -46,7 +46,7 @@ def zoo_features():
 def tiny_search(work_dir):
     """Rows and FLOPs history of a seeded 3-epoch search on toy data."""
     sys.path.insert(0, HERE)
-    from test_shrink_hook import build, make_cfg
+    from harness import build, make_cfg
     cfg = make_cfg(work_dir, max_epochs=3)
     cfg['optim_wrapper'] = dict(optimizer=dict(type='RMSprop', lr=0.05,
                                                momentum=0.9, eps=1e-3))

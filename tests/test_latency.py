@@ -10,8 +10,7 @@ import pytest
 from atomnas_mm.models import AtomNAS
 from atomnas_mm.search.costs import LatencyCost
 from atomnas_mm.search.latency import measure_table, random_subnet
-from test_budget import SUPERNET, budget_cfg, shrink_hook
-from test_shrink_hook import build
+from harness import SUPERNET, budget_cfg, build, shrink_hook
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 

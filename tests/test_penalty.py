@@ -1,7 +1,6 @@
 import glob
 import os
 import os.path as osp
-import socket
 import uuid
 from unittest import mock
 
@@ -13,13 +12,13 @@ from mmengine.optim import AmpOptimWrapper, OptimWrapper
 from mmengine.registry import DefaultScope
 from mmengine.runner import Runner
 from mmpretrain.models import ImageClassifier
-from mmpretrain.structures import DataSample
 
 from atomnas_mm.engine.hooks.penalty_hook import BNL1PenaltyHook
 from atomnas_mm.models import AtomNAS
 from atomnas_mm.search.policy import LinearRampSchedule
 from atomnas_mm.search.penalty import (bn_l1_penalty, decayed_params,
                                        weight_decay_loss)
+from harness import ToyData, free_port
 
 # 32 px toy arch: a fixed first block, two searchable blocks and one emptied
 # residual block (no atoms left).
@@ -113,22 +112,6 @@ def test_rho_ramp():
 
 # ---------------------------------------------------------------- runner
 
-class ToyDataset(torch.utils.data.Dataset):
-    """8 random 32 px images of 3 classes."""
-
-    def __init__(self, size=8):
-        gen = torch.Generator().manual_seed(1)
-        self.images = torch.randint(0, 256, (size, 3, 32, 32), generator=gen,
-                                    dtype=torch.uint8)
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, i):
-        return dict(inputs=self.images[i],
-                    data_samples=DataSample().set_gt_label(i % 3))
-
-
 class RecordingSGD(torch.optim.SGD):
     """SGD that keeps the grads and params seen at each step, by name."""
 
@@ -167,7 +150,7 @@ def train(work_dir, hooks=(), wrapper_cls=OptimWrapper, wrapper_kwargs=None,
         model=model, work_dir=str(work_dir),
         experiment_name=f'penalty_{uuid.uuid4().hex}',
         train_dataloader=dict(
-            dataset=ToyDataset(), batch_size=batch_size, num_workers=0,
+            dataset=ToyData(n=8, num_classes=3), batch_size=batch_size, num_workers=0,
             sampler=dict(type='DefaultSampler', shuffle=False)),
         optim_wrapper=wrapper, custom_hooks=list(hooks),
         default_hooks=dict(checkpoint=None,
@@ -275,11 +258,6 @@ def test_hook_with_amp_bf16_on_cpu(tmp_path):
 
 # ---------------------------------------------------------------- DDP
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
 
 def _ddp_worker(rank, world_size, port, work_dir, rho):
     os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port),
@@ -310,7 +288,7 @@ def test_hook_under_ddp_gloo(tmp_path):
     rho = 0.5
     # fork: the workers inherit the imports (spawn re-imports for ~30 s).
     mp.start_processes(_ddp_worker, nprocs=2, join=True, start_method='fork',
-                       args=(2, _free_port(), str(tmp_path), rho))
+                       args=(2, free_port(), str(tmp_path), rho))
     ranks = [torch.load(tmp_path / f'rank{r}.pt')
              for r in range(2)]
     assert ranks[0]['wrapped'] == 'MMDistributedDataParallel'

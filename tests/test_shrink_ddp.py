@@ -1,18 +1,12 @@
 """AtomShrinkHook under 2-process CPU DDP (gloo)."""
 import os
 import os.path as osp
-import socket
 
 import torch
 import torch.multiprocessing as mp
 
-from test_shrink_hook import SCHEDULE, KillAtomsHook, build, make_cfg
+from harness import SCHEDULE, KillAtomsHook, build, free_port, make_cfg
 
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank, world_size, port, work_dir):
@@ -36,7 +30,7 @@ def _worker(rank, world_size, port, work_dir):
 
 
 def test_ddp_ranks_shrink_identically(tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2)
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2)
     r0 = torch.load(tmp_path / 'rank0.pth', weights_only=True)
     r1 = torch.load(tmp_path / 'rank1.pth', weights_only=True)
     assert r0['rows'] == r1['rows']

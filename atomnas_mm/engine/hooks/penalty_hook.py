@@ -130,7 +130,7 @@ class BNL1PenaltyHook(Hook):
     @staticmethod
     def _controller(runner):
         """The budget controller of an AtomShrinkHook, or None."""
-        return next((h.controller for h in runner.hooks
+        return next((h.controller for h in getattr(runner, 'hooks', ())
                      if getattr(h, 'controller', None) is not None), None)
 
     def extra_loss(self, runner):
