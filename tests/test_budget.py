@@ -101,6 +101,7 @@ def _worker(rank, world_size, port, work_dir, target):
                osp.join(work_dir, f'rank{rank}.pth'))
 
 
+@pytest.mark.slow
 def test_ddp_ranks_with_different_gammas_decide_alike(tmp_path):
     target = dict(flops=0.6 * supernet_flops())
     mp.spawn(_worker, args=(2, free_port(), str(tmp_path), target),

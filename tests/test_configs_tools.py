@@ -249,6 +249,7 @@ LR_CASES = {
 
 @pytest.mark.parametrize('rel,gpus', sorted(LR_CASES),
                          ids=lambda x: str(x))
+@pytest.mark.slow
 def test_lr_curve(rel, gpus, monkeypatch):
     cfg = _config(rel)
     batch = cfg.train_dataloader.batch_size
@@ -300,6 +301,7 @@ def test_lr_curve(rel, gpus, monkeypatch):
 @pytest.mark.parametrize('rel', ['retrain/atomnas-a_in1k.py',
                                  'retrain/atomnas-a_plus_in1k.py',
                                  'atomnas_b.py'])
+@pytest.mark.slow
 def test_ema_momentum(rel, gpus, monkeypatch):
     cfg = _config(rel)
     batch = cfg.train_dataloader.batch_size
@@ -374,6 +376,7 @@ def test_cpu_ddp_workaround(monkeypatch):
     assert shipped.env_cfg.dist_cfg.backend == 'gloo'
 
 
+@pytest.mark.slow
 def test_get_flops_atomnas_a(tmp_path):
     out = subprocess.run(
         [PYTHON, osp.join(ROOT, 'tools/analysis_tools/get_flops.py'),
@@ -494,6 +497,7 @@ def _check_recipe_in_run(work_dir, total_batch, epoch_length):
     assert first['loss_wd'] > 0 and first['penalty_rho'] == 0
 
 
+@pytest.mark.slow
 def test_train_test_resume(tiny_config, tmp_path):
     work_dir = str(tmp_path / 'work')
     # from another directory, 2 iterations (4 images, batch 2, 1 epoch)
@@ -524,6 +528,7 @@ def test_train_test_resume(tiny_config, tmp_path):
 
 
 
+@pytest.mark.slow
 def test_dist_train_two_cpu_processes(tiny_config, tmp_path):
     work_dir = str(tmp_path / 'work')
     env = dict(ENV, PYTHON=PYTHON, PORT=str(free_port()))

@@ -400,6 +400,7 @@ def test_fault_at_any_checkpoint_operation(tiny_arch, tmp_path, monkeypatch,
     assert temp_files(work_dir) == []
 
 
+@pytest.mark.slow
 def test_stock_checkpoint_hook_loses_the_run(tiny_arch, tmp_path,
                                              monkeypatch):
     """The same faults with mmengine's CheckpointHook: some leave nothing

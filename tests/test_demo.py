@@ -65,6 +65,7 @@ def test_dataset_reads_debian_files(tmp_path):
 
 
 @needs_data
+@pytest.mark.slow
 def test_demo_searches_and_shrinks(tmp_path):
     """1024 real images, 2 epochs: the penalty kills atoms, the hook shrinks.
 

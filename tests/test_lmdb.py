@@ -193,6 +193,7 @@ def test_dataset_config_switches_with_one_setting(tool, tmp_path):
         assert (a == b).all()
 
 
+@pytest.mark.slow
 def test_cli_help():
     out = subprocess.run([sys.executable, TOOL, '--help'], check=True,
                          capture_output=True, text=True, timeout=120).stdout

@@ -29,10 +29,12 @@ def bash_function(name):
     return match.group(0)
 
 
+@pytest.mark.slow
 def test_install_sh_parses():
     subprocess.run(['bash', '-n', INSTALL], check=True)
 
 
+@pytest.mark.slow
 def test_install_sh_reports_progress_while_mmcv_compiles(tmp_path):
     """A stand-in build (two objects, 8 s): progress lines with the elapsed
     time, the objects compiled and the file being compiled."""
@@ -64,6 +66,7 @@ def test_install_sh_reports_progress_while_mmcv_compiles(tmp_path):
     assert out.stdout.rstrip().endswith('compiler says no')
 
 
+@pytest.mark.slow
 def test_install_sh_needs_a_compiler_only_to_compile(tmp_path):
     script = (f'VENV={osp.dirname(osp.dirname(sys.executable))}\n'
               f'{bash_function("check_compiler")}check_compiler\n')

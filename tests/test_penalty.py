@@ -284,6 +284,7 @@ def _ddp_worker(rank, world_size, port, work_dir, rho):
                osp.join(work_dir, f'rank{rank}.pt'))
 
 
+@pytest.mark.slow
 def test_hook_under_ddp_gloo(tmp_path):
     rho = 0.5
     # fork: the workers inherit the imports (spawn re-imports for ~30 s).

@@ -1,4 +1,5 @@
 """AtomShrinkHook under 2-process CPU DDP (gloo)."""
+import pytest
 import os
 import os.path as osp
 
@@ -29,6 +30,7 @@ def _worker(rank, world_size, port, work_dir):
                osp.join(work_dir, f'rank{rank}.pth'))
 
 
+@pytest.mark.slow
 def test_ddp_ranks_shrink_identically(tmp_path):
     mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2)
     r0 = torch.load(tmp_path / 'rank0.pth', weights_only=True)

@@ -1,9 +1,11 @@
 """`import atomnas_mm` refuses a wrong mmcv/mmengine/mmpretrain and says why."""
+import pytest
 import os
 import subprocess
 import sys
 
 
+@pytest.mark.slow
 def test_wrong_mmcv_version_names_the_fix(tmp_path):
     fake = tmp_path / 'mmcv'
     fake.mkdir()
@@ -16,6 +18,7 @@ def test_wrong_mmcv_version_names_the_fix(tmp_path):
     assert 'tools/install.sh' in out.stderr
 
 
+@pytest.mark.slow
 def test_installed_stack_passes():
     out = subprocess.run([sys.executable, '-c', 'import atomnas_mm'],
                          capture_output=True, text=True, timeout=120)
