@@ -127,7 +127,11 @@ def main():
     parser.add_argument('--amp', action='store_true',
                         help='CUDA autocast fp16 + GradScaler')
     parser.add_argument('--reps', type=int, default=3)
+    parser.add_argument('--threads', type=int,
+                        help='torch.set_num_threads (CPU)')
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dev = device()
     if args.amp and dev != 'cuda':
         parser.error('--amp needs CUDA')
