@@ -229,7 +229,8 @@ def inference_rows(smoke, dev):
                 '; '.join(f'{n} {v:.0f} ({f})' for n, (v, f) in
                           best.items()),
                 '; '.join(f'{a} / {b} {best[a][0] / best[b][0]:.2f}x'
-                          for a, b in bench_inference.PAIRS)])
+                          for a, b in bench_inference.PAIRS
+                          if a in best and b in best)])
             print(*rows[-1], sep=' | ', flush=True)
     return rows
 

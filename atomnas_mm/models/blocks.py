@@ -493,6 +493,7 @@ class _ForwardState(NamedTuple):
     mods: list
     multi: bool  # per_kernel form applies (expand + several kernel groups)
     foldable: bool  # inference form applies (one dw activation type)
+    hooks: list  # the forward (pre-)hook dicts of the block and its layers
 
 
 class _ConvStep(NamedTuple):
@@ -551,13 +552,14 @@ def _plain(cm, conv, norm, act, pointwise):
         and conv.groups == conv.in_channels == conv.out_channels
 
 
-def _has_hooks(block, mods):
-    if (_nn_module._global_forward_hooks
-            or _nn_module._global_forward_pre_hooks or block._forward_hooks
-            or block._forward_pre_hooks):
-        return True
-    return any(m is not None and (m._forward_hooks or m._forward_pre_hooks)
-               for m in mods[2:])
+def _hook_dicts(block, mods):
+    """The dicts that registering a forward (pre-)hook fills, in place."""
+    dicts = [_nn_module._global_forward_hooks,
+             _nn_module._global_forward_pre_hooks]
+    for m in [block] + mods[2:]:
+        if m is not None:
+            dicts += [m._forward_hooks, m._forward_pre_hooks]
+    return dicts
 
 
 def _forward_state(block):
@@ -578,9 +580,9 @@ def _forward_state(block):
         acts = {type(layer[3]) for layer in layers[1:1 + len(block.dw)]}
         state = _ForwardState(
             mods, plain and mods[0] is not None and len(block.dw) > 1,
-            plain and len(acts) == 1)
+            plain and len(acts) == 1, _hook_dicts(block, mods))
         _FORWARD_STATE[block] = state
-    if not (state.multi or state.foldable) or _has_hooks(block, mods):
+    if not (state.multi or state.foldable) or any(state.hooks):
         return None
     return state
 
@@ -692,6 +694,59 @@ def _conv_forward(x, step, fuse, residual=None):
     if step.act is not None:
         out = step.act(out)
     return out if residual is None else residual + out
+
+
+def _deployed_step(layer, act=None):
+    """A :class:`_ConvStep` of a deployed conv (``Conv2d`` or
+    ``Sequential(Conv2d, act)``), or None when it is not a plain conv."""
+    if isinstance(layer, nn.Sequential) and len(layer) == 2:
+        layer, act = layer
+    if type(layer) is not nn.Conv2d or layer.padding_mode != 'zeros' \
+            or layer.dilation != (1, 1) or isinstance(layer.padding, str) \
+            or layer._forward_hooks or layer._forward_pre_hooks:
+        return None
+    if isinstance(act, nn.Identity):
+        act = None
+    return _ConvStep(layer.weight, layer.bias, list(layer.stride),
+                     list(layer.padding), layer.groups, act,
+                     _FUSED_ACTS.get(type(act)))
+
+
+def deployed_forward(block, x):
+    """``DeployedAtomicBlock.forward`` with the oneDNN fusion of the cached
+    inference form (conv + activation, projection + residual) on a CPU in
+    float32; anywhere else, or traced (ONNX), the modules as they are.
+
+    Args:
+        block (DeployedAtomicBlock): The deployed block.
+        x (Tensor): Its input.
+    """
+    if block.project is None:
+        return x + block.bias.view(1, -1, 1, 1)
+    fuse = (_FUSED_CONV is not None and x.device.type == 'cpu'
+            and x.dtype == torch.float32 and torch.backends.mkldnn.enabled
+            and not torch.is_autocast_enabled('cpu') and
+            not torch.is_grad_enabled() and not torch.jit.is_tracing()
+            and not torch.compiler.is_compiling()
+            and not (_nn_module._global_forward_hooks
+                     or _nn_module._global_forward_pre_hooks))
+    steps = [None if block.expand is None else _deployed_step(block.expand),
+             _deployed_step(block.dw, block.dw_act),
+             _deployed_step(block.project)]
+    if not fuse or steps[1] is None or steps[2] is None or (
+            block.expand is not None and steps[0] is None):
+        out = x if block.expand is None else block.expand(x)
+        out = block.dw_act(block.dw(out))
+        if block.se is not None:
+            out = block.se(out)
+        out = block.project(out)
+        return x + out if block.use_res else out
+    out = x if steps[0] is None else _conv_forward(x, steps[0], True)
+    out = _conv_forward(out, steps[1], True)
+    if block.se is not None:
+        out = block.se(out)
+    return _conv_forward(out, steps[2], True,
+                         residual=x if block.use_res else None)
 
 
 def _uses_onednn(x, step):
