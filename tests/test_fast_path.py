@@ -13,10 +13,7 @@ import torch
 import torch.nn as nn
 from mmengine.config import Config
 from mmengine.hooks import Hook
-from mmengine.registry import DATASETS
 from mmengine.runner import Runner
-from mmpretrain.structures import DataSample
-from torch.utils.data import Dataset
 
 import atomnas_mm  # noqa: F401
 from atomnas_mm.engine.hooks import (AtomShrinkHook, MemoryFormatHook,
@@ -25,6 +22,7 @@ from atomnas_mm.engine.hooks.memory_format_hook import format_strides
 from atomnas_mm.models import AtomNAS, count_flops_params
 from atomnas_mm.models import blocks
 from atomnas_mm.models.blocks import AtomicBlock, _forward_state
+import harness  # registers ToyData
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 DEMO = osp.join(ROOT, 'configs/demo/atomnas_fashion_mnist.py')
@@ -332,25 +330,6 @@ SURGERY_STRIDES = pytest.mark.xfail(
     'format_strides do not; remove this mark when it keeps exact strides')
 
 
-@DATASETS.register_module(force=True)
-class GreyToyData(Dataset):
-    """Random 28x28 grey images, 10 classes (the demo's shapes)."""
-    metainfo = dict(classes=tuple('abcdefghij'))
-
-    def __init__(self, n=8):
-        g = torch.Generator().manual_seed(0)
-        self.x = torch.randint(0, 255, (n, 1, 28, 28), generator=g,
-                               dtype=torch.uint8)
-        self.y = torch.randint(0, 10, (n, ), generator=g)
-
-    def __len__(self):
-        return len(self.x)
-
-    def __getitem__(self, i):
-        return dict(inputs=self.x[i],
-                    data_samples=DataSample().set_gt_label(int(self.y[i])))
-
-
 class ForceShrinkHook(Hook):
     """After the second iteration, remove k5 of layer2.0 with
     AtomShrinkHook's surgery (model, EMA copy, optimizer); record the
@@ -377,7 +356,8 @@ class ForceShrinkHook(Hook):
 def test_demo_config_trains_in_channels_last(tmp_path):
     cfg = Config.fromfile(DEMO)
     assert cfg.default_hooks.memory_format.memory_format == 'channels_last'
-    loader = dict(dataset=dict(type='GreyToyData'), batch_size=4,
+    loader = dict(dataset=dict(type='ToyData', n=8, num_classes=10,
+                               channels=1, size=28), batch_size=4,
                   num_workers=0, persistent_workers=False,
                   sampler=dict(type='DefaultSampler', shuffle=False))
     cfg.train_dataloader = loader
@@ -414,14 +394,12 @@ def _ddp_worker(rank, world_size, port, work_dir):
                       WORLD_SIZE=str(world_size), MASTER_ADDR='127.0.0.1',
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    from test_shrink_hook import SCHEDULE, KillAtomsHook, build, make_cfg
-
     from atomnas_mm.utils import cpu_ddp_workaround
-    cfg = make_cfg(work_dir, max_epochs=2, launcher='pytorch')
+    cfg = harness.make_cfg(work_dir, max_epochs=2, launcher='pytorch')
     cfg['default_hooks']['memory_format'] = dict(
         type='atomnas_mm.MemoryFormatHook')
     cpu_ddp_workaround(cfg)
-    runner = build(cfg, [KillAtomsHook(SCHEDULE)])
+    runner = harness.build(cfg, [harness.KillAtomsHook(harness.SCHEDULE)])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter('always')
         runner.train()
@@ -444,13 +422,9 @@ def test_channels_last_under_ddp(tmp_path):
     gradient-stride mismatch in the reducer; after the epoch-end shrinks
     ``before_val`` restores exact strides), the search shrinks, ranks stay
     identical."""
-    import socket
-
     import torch.multiprocessing as mp
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2)
+    mp.spawn(_ddp_worker, args=(2, harness.free_port(), str(tmp_path)),
+             nprocs=2)
     r0, r1 = (torch.load(tmp_path / f'rank{r}.pth', weights_only=True)
               for r in (0, 1))
     assert r0['cl'] == r1['cl'] == (True, True)
