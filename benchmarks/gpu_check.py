@@ -38,7 +38,7 @@ def gib(n):
     return f'{n / 2**30:.2f} GiB'
 
 
-# -- 1. training step ----------------------------------------------------------
+# -- 1. training step ---------------------------------------------------------
 def train_step_rows(smoke, dev):
     setting = DEMO if smoke else imagenet_setting()
     batches = [4] if smoke else [64, 128]
@@ -60,7 +60,7 @@ def train_step_rows(smoke, dev):
     return rows
 
 
-# -- 2. search with AMP, EMA and a forced shrink -------------------------------
+# -- 2. search with AMP, EMA and a forced shrink ------------------------------
 def search_rows(smoke, dev):
     from mmengine.config import Config
     from mmengine.hooks import Hook
@@ -211,7 +211,7 @@ def search_rows(smoke, dev):
     return rows
 
 
-# -- 3. inference ----------------------------------------------------------------
+# -- 3. inference -------------------------------------------------------------
 def inference_rows(smoke, dev):
     models = bench_inference.build_models(['atomnas_a', 'MobileNetV2'])
     formats = ('channels_last', 'contiguous')

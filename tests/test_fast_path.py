@@ -212,7 +212,7 @@ def test_float32_within_1e5(act, calls, monkeypatch):
             out_f, out_r = fast(x)[-1], ref(x)[-1]
         scale = out_r.abs().max()
         assert (out_f - out_r).abs().max() <= 1e-5 * scale
-    assert calls['_per_kernel_branch'] == 3 and calls['_inference_forward'] == 5
+    assert calls == dict(_per_kernel_branch=3, _inference_forward=5)
     # expand (4 blocks) and depthwise (5) with the activation, projection
     # with the residual (2 residual blocks; alone it needs no fusion)
     assert op.calls == dict(unary=9, binary=2)
@@ -433,7 +433,7 @@ def test_channels_last_under_ddp(tmp_path):
         assert torch.equal(v, r1['state'][k]), k
 
 
-# -- benchmarks/gpu_check.sh (needs no GPU here) -------------------------------
+# -- benchmarks/gpu_check.sh (needs no GPU here) ------------------------------
 GPU_CHECK = osp.join(ROOT, 'benchmarks', 'gpu_check.sh')
 
 
