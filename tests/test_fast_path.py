@@ -323,13 +323,6 @@ def test_to_memory_format_keeps_parameters():
         MemoryFormatHook(memory_format='nhwc')
 
 
-SURGERY_STRIDES = pytest.mark.xfail(
-    strict=True, reason='the shrink surgery (blocks.index_select_like) gives '
-    '1x1 and depthwise weights contiguous strides, which '
-    'is_contiguous(channels_last) accepts but DDP buckets and '
-    'format_strides do not; remove this mark when it keeps exact strides')
-
-
 class ForceShrinkHook(Hook):
     """After the second iteration, remove k5 of layer2.0 with
     AtomShrinkHook's surgery (model, EMA copy, optimizer); record the
@@ -352,7 +345,6 @@ class ForceShrinkHook(Hook):
             shrink.apply(runner, {'backbone.layer2.0': keep})
 
 
-@SURGERY_STRIDES
 def test_demo_config_trains_in_channels_last(tmp_path):
     cfg = Config.fromfile(DEMO)
     assert cfg.default_hooks.memory_format.memory_format == 'channels_last'

@@ -48,9 +48,14 @@ REMOVED = ParamChange(None)
 def index_select_like(tensor, dim, index):
     """``tensor.index_select(dim, index)`` keeping its memory format."""
     out = tensor.index_select(dim, index.to(tensor.device))
-    if (tensor.dim() == 4 and not tensor.is_contiguous()
-            and tensor.is_contiguous(memory_format=torch.channels_last)):
-        out = out.contiguous(memory_format=torch.channels_last)
+    if tensor.dim() == 4:
+        # Exact strides (DDP buckets compare them): is_contiguous() accepts
+        # both layouts for 1x1 and depthwise weights.
+        n, c, h, w = tensor.shape
+        if tensor.stride() == (h * w * c, 1, w * c, c) != (c * h * w, h * w,
+                                                          w, 1):
+            out = torch.empty(out.shape, dtype=out.dtype, device=out.device,
+                              memory_format=torch.channels_last).copy_(out)
     return out
 
 
