@@ -32,6 +32,8 @@ per run (``--threads``). Prints one table (landing error, top-1 mean and
 spread over seeds) and writes an accuracy-vs-FLOPs plot.
 
     .venv/bin/python benchmarks/bench_pareto.py --quick        # ~2 min
+    # (a pipeline check: too short for atoms to die, the final shrink
+    # cuts live atoms and the search scores near chance)
     .venv/bin/python benchmarks/bench_pareto.py --json r.json  # ~26 min
     .venv/bin/python benchmarks/bench_pareto.py --demo-recipe --epochs 4 \
         --images 60000 --targets 0.15 --seeds 0                # the demo's
@@ -40,8 +42,10 @@ spread over seeds) and writes an accuracy-vs-FLOPs plot.
 ``--latency`` (or ``--latency-only``) also measures a latency table of the
 demo supernet on this CPU (``tools/analysis_tools/atom_latency_table.py``,
 batch 1, 28 px), runs the search with ``target=dict(latency_ms=...)`` at
-``--latency-fraction`` of the supernet's predicted latency, and prints the
-searched net's predicted vs measured latency.
+``--latency-fraction`` of the supernet's predicted latency (the middle of
+the reachable range when that is out of it), and prints the searched net's
+predicted vs measured latency (``measure_ms``, interleaved with the
+supernet's).
 """
 import argparse
 import copy
