@@ -194,15 +194,22 @@ def strip_search(cfg, archs, refs=None):
     """Make a search config a retrain/eval config of the searched net.
 
     Sets the archs (:func:`inject_archs`), records :func:`input_size` as the
-    top-level ``input_size``, drops the search hooks,
-    ``load_from``/``resume``/``work_dir``, and adds a test split (the val
-    split) when the config has none. ``cfg`` is changed in place.
+    top-level ``input_size``, drops the search hooks (a BNL1PenaltyHook with
+    ``weight_decay`` stays as ``rho=0``: the recipe's weight decay lives in
+    it), ``load_from``/``resume``/``work_dir``, and adds a test split (the
+    val split) when the config has none. ``cfg`` is changed in place.
     """
     size = input_size(cfg)
     inject_archs(cfg.model, archs, refs)
     cfg.input_size = size[0] if size[0] == size[1] else list(size)
-    hooks = [h for h in cfg.get('custom_hooks', None) or []
-             if not str(h.get('type', '')).endswith(SEARCH_HOOKS)]
+    hooks = []
+    for hook in cfg.get('custom_hooks', None) or []:
+        kind = str(hook.get('type', ''))
+        if kind.endswith('BNL1PenaltyHook') and hook.get('weight_decay'):
+            hooks.append(dict(type=kind, rho=0,
+                              weight_decay=hook['weight_decay']))
+        elif not kind.endswith(SEARCH_HOOKS):
+            hooks.append(hook)
     cfg.custom_hooks = hooks
     for key in ('load_from', 'work_dir'):
         cfg.pop(key, None)

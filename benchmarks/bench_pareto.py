@@ -21,22 +21,19 @@ The baselines are trained with the same recipe and length minus the search
 term the demo recipe keeps in that hook). The recipe is the demo's, shortened
 to ``--epochs`` on the first ``--images`` training images (default 4 x 15360,
 480 iterations, a quarter of the demo's); iteration counts in the recipe (LR
-warmup, penalty ramp, shrink interval) are scaled with the run length. In so
-short a run the demo's death threshold (1e-3) and rho (3e-3, which the budget
-controller may scale up to 3) leave the atoms alive until the LR has decayed
-(SGD keeps |gamma| oscillating at about lr * rho * p), so by default the
-search uses threshold 1e-2 and a starting rho of 3e-5 (the controller's range
-then ends at 3e-2); ``--demo-recipe`` keeps the demo's. Validation on the
-Fashion-MNIST test set (``--val-images``) at the end only. One torch thread
+warmup, penalty ramp, shrink interval) are scaled with the run length. The
+search keeps the config's threshold (1e-3) and rho (3e-3; ``--threshold`` /
+``--rho`` override them): the penalty is a proximal step with a target, so
+atoms die when the controller asks, the net is on the target by the
+deadline (half of training) and fine-tunes without penalty after.
+Validation on the Fashion-MNIST test set (``--val-images``) at the end only. One torch thread
 per run (``--threads``). Prints one table (landing error, top-1 mean and
 spread over seeds) and writes an accuracy-vs-FLOPs plot.
 
     .venv/bin/python benchmarks/bench_pareto.py --quick        # ~2 min
-    # (a pipeline check: too short for atoms to die, the final shrink
-    # cuts live atoms and the search scores near chance)
     .venv/bin/python benchmarks/bench_pareto.py --json r.json  # ~26 min
-    .venv/bin/python benchmarks/bench_pareto.py --demo-recipe --epochs 4 \
-        --images 60000 --targets 0.15 --seeds 0                # the demo's
+    .venv/bin/python benchmarks/bench_pareto.py --epochs 4 --images 60000 \
+        --targets 0.15 --seeds 0 --methods uniform retrain    # whole demo
     .venv/bin/python benchmarks/bench_pareto.py --latency-only # latency target
 
 ``--latency`` (or ``--latency-only``) also measures a latency table of the
@@ -147,25 +144,6 @@ class _Metrics(Hook):
         self.metrics = dict(metrics or {})
 
 
-class _ShrinkAtDeadline(Hook):
-    """Prototype, not a package feature (``--shrink-at-deadline``): at the
-    budget controller's deadline, AtomShrinkHook's final-style shrink (the
-    weakest atoms go, down to the target), so the rest of training trains
-    the net at its final size instead of the penalty squeezing it to the
-    end."""
-
-    priority = 'LOW'  # after AtomShrinkHook and EMAHook
-
-    def after_train_iter(self, runner, batch_idx, data_batch=None,
-                         outputs=None):
-        hook = next(h for h in runner.hooks
-                    if type(h).__name__ == 'AtomShrinkHook')
-        if runner.iter + 1 == round(hook.controller.deadline *
-                                    runner.max_iters):
-            hook.shrink_if_due(runner, runner.epoch, runner.iter + 1,
-                               final=True)
-
-
 def recipe_cfg(args, work_dir, seed):
     """The demo target config, shortened (see the module docstring)."""
     cfg = Config.fromfile(SEARCH_CONFIG)
@@ -274,8 +252,7 @@ def run_flops(args, tmp, log):
         for seed in args.seeds:
             result, _ = train(search_cfg(
                 args, osp.join(tmp, f'search_{fraction}_{seed}'), seed,
-                dict(flops=target)), [_ShrinkAtDeadline()]
-                if args.shrink_at_deadline else [])
+                dict(flops=target)))
             result.update(method='search', fraction=fraction, target=target,
                           seed=seed)
             runs.append(result)
@@ -434,10 +411,6 @@ def run_latency(args, tmp):
         target = (low + high) / 2
     cfg = search_cfg(args, osp.join(tmp, 'search_latency'), args.seeds[0],
                      dict(latency_ms=target), latency_table=table)
-    if args.latency_min_removed is not None:
-        for hook in cfg.custom_hooks:
-            if hook.type.endswith('AtomShrinkHook'):
-                hook.min_removed_flops = args.latency_min_removed
     result, backbone = train(cfg)
     print('shrinks (iter, MFLOPs, predicted ms): ' + ', '.join(
         f'({i}, {f / 1e6:.3f}, {c:.3f})' for i, f, c in result['history']))
@@ -489,9 +462,7 @@ def report(args, super_flops, runs):
     title = (f'demo supernet {super_flops / 1e6:.3f}M; {args.epochs} epochs x '
              f'{args.images} images; seeds {sorted({r["seed"] for r in runs})}'
              f'\nsearch threshold {args.threshold or "1e-3 (demo)"}, rho '
-             f'{args.rho or "3e-3 (demo)"}' + (
-                 ', shrink at the deadline (prototype)'
-                 if args.shrink_at_deadline else ''))
+             f'{args.rho or "3e-3 (demo)"}')
     print_table(['target', 'method', 'backbone MFLOPs (per seed)',
                  'vs target % (per seed)', 'top-1 mean +- half range',
                  'top-1 per seed', 'search at target from iter', 's/run'],
@@ -522,16 +493,13 @@ def parse_args():
     parser.add_argument('--images', type=int, default=15360,
                         help='first N Fashion-MNIST training images')
     parser.add_argument('--val-images', type=int, default=10000)
-    parser.add_argument('--threshold', type=float, default=1e-2,
-                        help='death threshold of the search (demo: 1e-3)')
-    parser.add_argument('--rho', type=float, default=3e-5,
-                        help='starting penalty strength of the search (demo: '
-                        '3e-3); the controller scales it by 1e-3..1e3')
-    parser.add_argument('--shrink-at-deadline', action='store_true',
-                        help='prototype: the final-style capped shrink at '
-                        'the deadline too (see _ShrinkAtDeadline)')
-    parser.add_argument('--demo-recipe', action='store_true',
-                        help='threshold and rho of the demo config')
+    parser.add_argument('--threshold', type=float,
+                        help='death threshold of the search (default: the '
+                        'config\'s, 1e-3)')
+    parser.add_argument('--rho', type=float,
+                        help='starting penalty strength of the search '
+                        '(default: the config\'s, 3e-3); the controller '
+                        'scales it by 1e-3..1e3')
     parser.add_argument('--workers', type=int, default=0)
     parser.add_argument('--threads', type=int, default=1,
                         help='torch intra-op threads (training and timing)')
@@ -546,16 +514,10 @@ def parse_args():
     parser.add_argument('--latency-reps', type=int, default=5)
     parser.add_argument('--latency-table', help='where to keep the table '
                         '(an existing file is used as it is)')
-    parser.add_argument('--latency-min-removed', type=float,
-                        help='AtomShrinkHook min_removed_flops for the '
-                        'latency search, in ms (the config\'s 2e4 is read in '
-                        'the cost model\'s unit)')
     args = parser.parse_args()
     if args.quick:
         args.targets, args.seeds = args.targets[:1], args.seeds[:1]
         args.epochs, args.images, args.val_images = 2, 7680, 2000
-    if args.demo_recipe:
-        args.threshold = args.rho = None
     return args
 
 

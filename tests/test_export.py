@@ -19,7 +19,8 @@ from mmpretrain.registry import MODELS
 
 import atomnas_mm  # noqa: F401
 from atomnas_mm.export import (backbone_path, complete_archs, export,
-                               inject_archs, input_channels, input_size)
+                               inject_archs, input_channels, input_size,
+                               strip_search)
 from atomnas_mm.models import AtomNAS
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
@@ -103,6 +104,7 @@ def test_export_matches_the_ema_model(search, tmp_path):
 
     text = open(paths['config']).read()
     assert 'AtomShrinkHook' not in text and 'BNL1PenaltyHook' not in text
+    # (the tiny search's penalty hook has no weight decay to keep)
     cfg = Config.fromfile(paths['config'])
     assert cfg.model.backbone.arch.rows == rows
     assert cfg.input_size == 32                 # the hook's, kept for tools
@@ -294,3 +296,18 @@ def test_model_index_registered():
     model = mmpretrain.get_model('atomnas-a_in1k')
     assert type(model.backbone).__name__ == 'AtomNAS'
     assert model.backbone.arch_rows()[1][4] == [16, 12, 9]
+
+
+def test_strip_search_keeps_the_recipe_weight_decay():
+    """The demo's weight decay (4e-5) lives in BNL1PenaltyHook: the retrain
+    config keeps it as ``rho=0``; the shrink hook and a decay-free penalty
+    hook go."""
+    cfg = Config.fromfile(DEMO)
+    cfg.custom_hooks.append(dict(type='atomnas_mm.BNL1PenaltyHook', rho=1e-3))
+    arch = AtomNAS(arch=cfg.model.backbone.arch, in_channels=1).arch_dict()
+    strip_search(cfg, {'backbone': arch})
+    kinds = [h['type'] for h in cfg.custom_hooks]
+    assert kinds == ['EMAHook', 'atomnas_mm.BNL1PenaltyHook',
+                     'atomnas_mm.BNRecalibrationHook']
+    assert cfg.custom_hooks[1] == dict(type='atomnas_mm.BNL1PenaltyHook',
+                                       rho=0, weight_decay=4e-5)

@@ -6,9 +6,14 @@ import subprocess
 import sys
 
 import pytest
+import torch
+from mmengine.hooks import EMAHook, Hook
 
 from atomnas_mm.models import AtomNAS
+from atomnas_mm.search.budget import BudgetController
 from atomnas_mm.search.costs import LatencyCost
+from atomnas_mm.search.shrink import (apply_plan, block_costs, removed_cost,
+                                      searchable_blocks)
 from atomnas_mm.search.latency import measure_table, random_subnet
 from harness import SUPERNET, budget_cfg, build, shrink_hook
 
@@ -91,6 +96,34 @@ def synthetic_table(net, per_atom=0.01):
                 stem_ms=0.5, head_ms=0.5, blocks=blocks)
 
 
+def test_cap_costs_latency_removals_exactly():
+    """Block latency is not the sum of its atoms' slopes: with curves whose
+    first atom costs most, the cap costs each removal with the table and its
+    predicted total is the shrunk net's."""
+    net = AtomNAS(arch=SUPERNET)
+    table = synthetic_table(net)
+    for entry, block in zip(table['blocks'], net.blocks()):
+        for k, h in block.atom_groups():
+            if h > 1:
+                entry['kernels'][str(k)] = dict(widths=[1, h], ms=[0.3, 0.32])
+    cost = LatencyCost(table)
+    total = cost.total(net)
+    controller = BudgetController(dict(latency_ms=0.9 * total),
+                                  latency_table=table)
+    gen = torch.Generator().manual_seed(0)
+    strengths = {name: torch.rand(block.num_atoms, generator=gen)
+                 for name, block in searchable_blocks(net).items()}
+    candidates = {name: torch.ones_like(s, dtype=torch.bool)
+                  for name, s in strengths.items()}
+    plan, after = controller.cap(total, strengths, block_costs(net, cost),
+                                 dict(net.named_modules()), candidates)
+    removed = removed_cost(net, plan, cost)  # the slopes' estimate
+    apply_plan(net, plan)
+    assert cost.total(net) == pytest.approx(after, rel=1e-9)
+    assert controller.target <= after <= controller.target * 1.02
+    assert abs(total - removed - after) > 0.05 * total  # slopes are far off
+
+
 def test_latency_target_lands_through_the_runner(tmp_path):
     net = AtomNAS(arch=SUPERNET)
     table = synthetic_table(net)
@@ -109,6 +142,37 @@ def test_latency_target_lands_through_the_runner(tmp_path):
     assert weights.numel() == 0 or weights.std() < 1e-6
     assert shrink_hook(runner).history[0]['cost'] == pytest.approx(
         supernet_ms)
+
+
+class KillOneGroup(Hook):
+    """Zeroes one kernel group's gammas (live and EMA) just before the
+    first check."""
+    priority = 'VERY_HIGH'
+
+    def after_train_iter(self, runner, batch_idx, data_batch=None,
+                         outputs=None):
+        if runner.iter == 1:
+            ema = next(h for h in runner.hooks if isinstance(h, EMAHook))
+            for model in (runner.model, ema.ema_model.module):
+                block = model.backbone.blocks()[1]
+                next(iter(block.dw.values())).norm.weight.data.zero_()
+
+
+def test_latency_trigger_weighs_removals_in_flops(tmp_path):
+    """min_removed_flops counts FLOPs with a latency target: a group of a
+    few hundred multiply-adds (a fraction of a ms) passes 100."""
+    net = AtomNAS(arch=SUPERNET)
+    path = tmp_path / 'table.json'
+    path.write_text(json.dumps(synthetic_table(net)))
+    cfg = budget_cfg(str(tmp_path / 'work'), dict(
+        latency_ms=0.85 * LatencyCost(str(path)).total(net)))
+    cfg['custom_hooks'][2].update(latency_table=str(path),
+                                  min_removed_flops=100)
+    runner = build(cfg, [KillOneGroup()])
+    runner.train()
+    history = shrink_hook(runner).history
+    assert history[1]['iter'] == 2  # the killed group went at once
+    assert history[1]['flops'] < history[0]['flops']
 
 
 def test_latency_target_needs_a_table(tmp_path):

@@ -17,7 +17,7 @@ from atomnas_mm.engine.hooks.penalty_hook import BNL1PenaltyHook
 from atomnas_mm.models import AtomNAS
 from atomnas_mm.search.policy import LinearRampSchedule
 from atomnas_mm.search.penalty import (bn_l1_penalty, decayed_params,
-                                       weight_decay_loss)
+                                       proximal_l1_step, weight_decay_loss)
 from harness import ToyData, free_port
 
 # 32 px toy arch: a fixed first block, two searchable blocks and one emptied
@@ -33,6 +33,17 @@ def random_gammas(model, seed=0):
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
             m.weight.data = torch.randn(m.weight.shape, generator=gen)
+
+
+def atom_weights(backbone):
+    """``{gamma: its atoms' penalty weights p}`` of the searchable blocks."""
+    weights = {}
+    for block in backbone.blocks():
+        if block.has_expand:
+            gammas = [m.norm.weight for m in block.dw.values()]
+            weights.update(zip(gammas, block.atom_cost.split(
+                [len(g) for g in gammas])))
+    return weights
 
 
 def expected_penalty_and_grads(backbone):
@@ -100,6 +111,32 @@ def test_weight_decay_loss_value_and_gradient():
     fc.weight.requires_grad_(False)  # frozen weights are left out
     assert {id(p) for p in decayed_params(model)} == {id(conv.weight),
                                                       id(fc.bias)}
+
+
+def soft_threshold(gamma, step):
+    return gamma.sign() * (gamma.abs() - step).clamp(min=0)
+
+
+def test_proximal_step_soft_thresholds_with_each_group_lr():
+    backbone = AtomNAS(ARCH, out_indices=(2, ))
+    random_gammas(backbone)
+    costs = atom_weights(backbone)
+    gammas = list(costs)  # 5 penalised gammas, in block order
+    before = {g: g.detach().clone() for g in gammas}
+    first = gammas[0]
+    others = [p for p in backbone.parameters()
+              if p is not first and p is not gammas[-1]]
+    optimizer = torch.optim.SGD([dict(params=[first], lr=0.1),
+                                 dict(params=others, lr=0.01)], lr=0.01)
+    rho = 3.0
+    proximal_l1_step(backbone, optimizer, rho)
+    for gamma, lr in zip(gammas[:-1], [0.1] + [0.01] * 3):
+        torch.testing.assert_close(
+            gamma.detach(), soft_threshold(before[gamma], lr * rho
+                                           * costs[gamma]), rtol=0, atol=0)
+    assert (first == 0).any() and (first != 0).any()  # some die exactly
+    # A gamma the optimizer does not hold is left alone.
+    torch.testing.assert_close(gammas[-1].detach(), before[gammas[-1]])
 
 
 def test_rho_ramp():
@@ -238,6 +275,33 @@ def test_hook_with_gradient_accumulation(tmp_path):
     assert len(hooked.records) == len(plain.records) == 1  # one step
     # Each of the 2 calls adds penalty / 2: one full penalty per step.
     assert_grad_difference(hooked, plain, runner.model, rho)
+
+
+def test_proximal_hook_steps_after_the_optimizer_not_in_the_loss(tmp_path):
+    """proximal=True: no penalty gradient; after the (one, accumulated)
+    optimizer step the gammas are the plain run's, soft-thresholded."""
+    rho = 100.0  # lr 0.01 * 100 * p >= 1 = gamma for atoms with p >= 1: 0
+    kwargs = dict(wrapper_kwargs=dict(accumulative_counts=2),
+                  train_cfg=dict(by_epoch=False, max_iters=2))
+    runner, hooked = train(tmp_path, hooks=[BNL1PenaltyHook(
+        rho=rho, warmup_epochs=0, proximal=True)], **kwargs)
+    plain_runner, plain = train(tmp_path, **kwargs)
+    assert len(hooked.records) == len(plain.records) == 1
+    assert_grad_difference(hooked, plain, runner.model, rho=0.0)
+    names = {p: n for n, p in runner.model.named_parameters()}
+    plain_params = dict(plain_runner.model.named_parameters())
+    zeros = 0
+    for gamma, cost in atom_weights(runner.model.backbone).items():
+        want = soft_threshold(plain_params[names[gamma]].detach(),
+                              0.01 * rho * cost)
+        torch.testing.assert_close(gamma.detach(), want, rtol=0, atol=1e-7)
+        zeros += int((gamma == 0).sum())
+    assert zeros > 0
+    hub = runner.message_hub
+    assert hub.get_scalar('train/loss_penalty').current() == pytest.approx(
+        rho * hub.get_scalar('train/penalty_l1').current())
+    # The step hook is removed after training.
+    assert not runner.optim_wrapper.optimizer._optimizer_step_post_hooks
 
 
 def test_hook_with_amp_bf16_on_cpu(tmp_path):

@@ -4,10 +4,13 @@
 (``target=dict(flops=300e6)``). At every check it measures the *live cost*
 (the backbone's cost without the atoms that are dead now) and steers the
 penalty strength multiplicatively towards a linear path from the initial
-cost to the target at the deadline; after the deadline the path is the
-target, so a net under it lets atoms regrow. It also caps every shrink: only
-the weakest dead atoms go, down to the target, never below; at the final
-shrink the weakest atoms go until the net is at the target.
+cost to the target at the deadline. It caps every shrink: only the weakest
+dead atoms go, down to the target, never below. At the first check at or
+after the deadline a net still above the target loses its weakest atoms
+(live ones too) down to it. Once a shrink leaves the net within the
+tolerance the controller has *landed*: the penalty is off (factor 0) and the
+rest of training fine-tunes the net at its final size; the remaining dead
+atoms may regrow.
 """
 import math
 
@@ -64,6 +67,7 @@ class BudgetController:
             self.cost = ParamsCost()
         self.scale = 1.0
         self.initial_cost = None
+        self.landed = False
 
     # -- range ------------------------------------------------------------------
     def reachable(self, total, atom_costs, blocks):
@@ -93,44 +97,75 @@ class BudgetController:
         done = min(1.0, progress / self.deadline)
         return self.initial_cost + (self.target - self.initial_cost) * done
 
+    @property
+    def factor(self):
+        """The factor on the penalty schedule: the scale, 0 once landed."""
+        return 0.0 if self.landed else self.scale
+
+    def due(self, progress, final=False):
+        """Whether this check must land the net (the deadline or the end)."""
+        return not self.landed and (final or progress >= self.deadline)
+
     def update(self, live_cost, progress):
         """One control step from the measured live cost; returns the scale
-        of the penalty strength."""
+        of the penalty strength (unchanged once landed)."""
+        if self.landed:
+            return self.scale
         span = max(self.initial_cost - self.target, 1e-12)
         error = (live_cost - self.path(progress)) / span
         self.scale = min(1e3, max(1e-3, self.scale * math.exp(
             self.gain * max(-1.0, min(1.0, error)))))
         return self.scale
 
-    def cap(self, total, strengths, atom_costs, blocks, candidates):
+    def lands(self, cost):
+        """Whether a net of ``cost`` is within the tolerance of the target."""
+        return cost <= self.target * (1 + self.tolerance)
+
+    def cap(self, total, strengths, block_costs, blocks, candidates):
         """The atoms to remove: the weakest of ``candidates`` (per block a
         bool mask), while the net stays at or above the target.
 
+        Every removal is costed exactly with the block's cost function (a
+        latency block is not the sum of its atoms).
+
+        Args:
+            total (float): The backbone's cost now.
+            strengths (dict[str, Tensor]): Per block, per-atom strengths.
+            block_costs (dict[str, callable]): Per block, ``groups -> cost``
+                (:func:`~atomnas_mm.search.shrink.block_costs`).
+            blocks (dict[str, AtomicBlock]): The blocks by name.
+            candidates (dict[str, Tensor]): Per block, removable atoms.
+
         Returns:
-            dict[str, Tensor]: A plan ``{block: kept atom indices}``.
+            tuple[dict[str, Tensor], float]: A plan ``{block: kept atom
+            indices}`` and the backbone's cost after it.
         """
-        names, index, strength, cost = [], [], [], []
-        for n, (name, mask) in enumerate(candidates.items()):
-            ids = torch.nonzero(mask).flatten()
-            names.append(name)
-            index.append(torch.stack([torch.full_like(ids, n), ids], 1))
-            strength.append(strengths[name][ids].float().cpu())
-            cost.append(atom_costs[name][ids].float().cpu())
-        if not names:
-            return {}
-        index, strength, cost = (torch.cat(index), torch.cat(strength),
-                                 torch.cat(cost))
-        left = {name: blocks[name].num_atoms for name in names}
-        removed = {name: [] for name in names}
-        budget = total - self.target
-        for i in torch.argsort(strength, stable=True).tolist():
-            name, atom = names[index[i, 0]], int(index[i, 1])
-            if cost[i] > budget:
+        order = []
+        for name, mask in candidates.items():
+            for atom in torch.nonzero(mask).flatten().tolist():
+                order.append((float(strengths[name][atom]), len(order),
+                              name, atom))
+        order.sort()
+        kernel_of, widths, cost_now, removed = {}, {}, {}, {}
+        for name in candidates:
+            groups = blocks[name].atom_groups()
+            kernel_of[name] = [k for k, h in groups for _ in range(h)]
+            widths[name] = dict(groups)
+            cost_now[name] = block_costs[name](groups)
+            removed[name] = []
+        after = total
+        for _, _, name, atom in order:
+            block = blocks[name]
+            if (len(removed[name]) == block.num_atoms - 1
+                    and not block.use_res):
+                continue  # a block without residual keeps one atom
+            trial = dict(widths[name])
+            trial[kernel_of[name][atom]] -= 1
+            cost = block_costs[name](list(trial.items()))
+            if after - cost_now[name] + cost < self.target:
                 continue
-            if left[name] == 1 and not blocks[name].use_res:
-                continue
-            budget -= cost[i].item()
-            left[name] -= 1
+            after += cost - cost_now[name]
+            widths[name], cost_now[name] = trial, cost
             removed[name].append(atom)
         plan = {}
         for name, atoms in removed.items():
@@ -138,12 +173,14 @@ class BudgetController:
                 keep = torch.ones(blocks[name].num_atoms, dtype=torch.bool)
                 keep[atoms] = False
                 plan[name] = torch.nonzero(keep).flatten()
-        return plan
+        return plan, after
 
     # -- checkpoints ------------------------------------------------------------
     def state_dict(self):
-        return dict(scale=self.scale, initial_cost=self.initial_cost)
+        return dict(scale=self.scale, initial_cost=self.initial_cost,
+                    landed=self.landed)
 
     def load_state_dict(self, state):
         self.scale = float(state['scale'])
         self.initial_cost = state['initial_cost']
+        self.landed = bool(state.get('landed', False))  # older checkpoints

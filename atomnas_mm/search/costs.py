@@ -9,6 +9,11 @@ budget. A cost model is a small registered part (registry
   for blocks that are not searchable);
 * ``total(backbone)``: the backbone's cost now.
 
+FLOPs and params of a block are the sums of its atoms' costs; a model whose
+block cost is not (latency) also defines ``block_cost_fns(backbone)``, per
+block a function of its ``[(kernel, width), ...]`` (see
+:func:`block_cost_fns`).
+
 Counting convention (docs/method.md, "Counting"): FLOPs are multiply-adds of
 every Conv2d and Linear plus ``C*H*W`` for every global average pooling;
 params are Conv2d and Linear weights and biases. BN, activations and
@@ -95,6 +100,31 @@ class ParamsCost:
         return float(sum(p.numel() for m in backbone.modules()
                          if isinstance(m, (nn.Conv2d, nn.Linear))
                          for p in m.parameters(recurse=False)))
+
+
+def block_cost_fns(backbone, cost):
+    """Per block, ``groups -> cost``: the block's cost with the kernel widths
+    ``[(kernel, width), ...]`` (None for blocks that are not searchable).
+
+    The cost model's own ``block_cost_fns`` when it has one, else the sum of
+    the atom costs (exact for FLOPs and params).
+    """
+    own = getattr(cost, 'block_cost_fns', None)
+    if own is not None:
+        return own(backbone)
+    fns = []
+    for block, costs in zip(backbone.blocks(), cost.atom_costs(backbone)):
+        if costs is None:
+            fns.append(None)
+            continue
+        per_kernel, start = {}, 0
+        for k, h in block.atom_groups():
+            if h:
+                per_kernel[k] = costs[start].item()
+            start += h
+        fns.append(lambda groups, per_kernel=per_kernel: sum(
+            h * per_kernel[k] for k, h in groups if h))
+    return fns
 
 
 def penalty_weights(backbone, cost):
@@ -201,6 +231,11 @@ class LatencyCost:
 
             costs.append(_per_atom(block, slope))
         return costs
+
+    def block_cost_fns(self, backbone):
+        return [(lambda groups, entry=entry: self.block_ms(entry, groups))
+                if block.searchable else None
+                for entry, block in self._entries(backbone)]
 
     def total(self, backbone):
         return self.table['stem_ms'] + self.table['head_ms'] + sum(

@@ -47,6 +47,39 @@ def bn_l1_penalty(model):
     return torch.dot(cost, gamma.abs())
 
 
+@torch.no_grad()
+def proximal_l1_step(model, optimizer, rho):
+    """Apply the penalty as its proximal operator after an optimizer step.
+
+    Every atom's gamma becomes ``sign(gamma) * max(|gamma| - lr * rho * p,
+    0)``, with ``lr`` the learning rate of its parameter group: the step of
+    ISTA for ``rho * sum p * |gamma|``. Unlike the loss term's subgradient
+    (which makes gammas oscillate around 0 with an amplitude of about
+    ``lr * rho * p``), it sets gammas exactly to 0, so atoms die when the
+    strength asks for it. Gammas the optimizer does not hold are left alone.
+
+    Args:
+        model (nn.Module): A model, possibly wrapped (DDP).
+        optimizer (torch.optim.Optimizer): The optimizer that just stepped.
+        rho (float): The penalty strength.
+    """
+    lrs = {p: group['lr'] for group in optimizer.param_groups
+           for p in group['params']}
+    for block in _unwrap(model).modules():
+        if not (isinstance(block, AtomicBlock) and block.searchable):
+            continue
+        start = 0
+        for module in block.dw.values():
+            gamma = module.norm.weight
+            weight = block.atom_cost[start:start + gamma.numel()]
+            start += gamma.numel()
+            lr = lrs.get(gamma)
+            if lr is None:
+                continue
+            shrunk = gamma.abs() - (lr * rho) * weight.to(gamma.dtype)
+            gamma.copy_(gamma.sign() * shrunk.clamp_(min=0))
+
+
 def decayed_params(model):
     """Weights of conv and linear layers and biases of linear layers.
 

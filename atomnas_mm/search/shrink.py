@@ -13,6 +13,7 @@ import torch
 
 from ..models.backbones.atomnas import AtomNAS
 from ..models.blocks import AtomicBlock
+from .costs import block_cost_fns
 from .policy import ThresholdCriterion
 
 
@@ -89,6 +90,19 @@ def atom_costs(model, cost):
         for block, c in zip(backbone.blocks(), cost.atom_costs(backbone)):
             if c is not None:
                 out[names[id(block)]] = c
+    return out
+
+
+def block_costs(model, cost):
+    """``{block_name: groups -> cost}`` of every searchable block
+    (:func:`~atomnas_mm.search.costs.block_cost_fns`)."""
+    names = {id(m): name for name, m in model.named_modules()}
+    out = {}
+    for backbone in find_backbones(model).values():
+        for block, fn in zip(backbone.blocks(),
+                             block_cost_fns(backbone, cost)):
+            if fn is not None:
+                out[names[id(block)]] = fn
     return out
 
 

@@ -5,8 +5,9 @@
 #
 # The budget lives in AtomShrinkHook's target (a child config or
 # --cfg-options custom_hooks.2.target.flops=... sets another); the controller
-# checks every 50 iterations, reaches the target by half of training, holds
-# it and lands the final net in [target, target * 1.02].
+# checks every 50 iterations, steers the penalty (a proximal step on the
+# gammas with a target) so the net is in [target, target * 1.02] by half of
+# training, then turns the penalty off: the second half fine-tunes the net.
 _base_ = ['./atomnas_fashion_mnist.py']
 
 custom_hooks = [

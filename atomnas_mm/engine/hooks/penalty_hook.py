@@ -1,11 +1,13 @@
 """Hook adding the resource-aware BN-L1 penalty to the training loss."""
+import torch
 from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 from mmengine.optim import OptimWrapper, OptimWrapperDict
 
 from ...registry import HOOKS
 from ...search.costs import set_penalty_weights
-from ...search.penalty import bn_l1_penalty, penalised_atoms, weight_decay_loss
+from ...search.penalty import (bn_l1_penalty, penalised_atoms,
+                               proximal_l1_step, weight_decay_loss)
 from ...search.shrink import find_backbones
 from ...search.policy import LinearRampSchedule, build_part, check_number
 
@@ -45,12 +47,21 @@ class BNL1PenaltyHook(Hook):
             e.g. ``dict(type='LatencyCost', table='latency.json')``. By
             default the weights are FLOPs at 224 px, or the cost model of an
             AtomShrinkHook target when there is one.
+        proximal (bool, optional): Apply the penalty as a soft-threshold
+            step on the gammas after every optimizer step (``gamma <-
+            sign(gamma) * max(|gamma| - lr * rho(t) * p, 0)``; skipped with
+            the step when AMP skips it) instead of a loss term: gammas reach
+            exactly 0, so atoms die on the schedule the strength sets.
+            ``loss_penalty`` is then logged, not back-propagated. Default
+            (None): on with an AtomShrinkHook target (the budget controller
+            needs atoms to die when it asks), off otherwise (the reference
+            recipe).
     """
 
     priority = 'NORMAL'
 
     def __init__(self, rho=None, warmup_epochs=25, warmup_iters=None,
-                 weight_decay=0.0, schedule=None, cost=None):
+                 weight_decay=0.0, schedule=None, cost=None, proximal=None):
         if (rho is None) == (schedule is None):
             raise ValueError('rho: give rho (linear ramp) or schedule, '
                              'exactly one')
@@ -65,7 +76,13 @@ class BNL1PenaltyHook(Hook):
         self.weight_decay = check_number('weight_decay', weight_decay)
         self.schedule = build_part(schedule, None, 'schedule')
         self.cost = build_part(cost, None, 'cost')
+        if proximal is not None and not isinstance(proximal, bool):
+            raise ValueError(f'proximal: must be a bool or None, got '
+                             f'{proximal!r}')
+        self.proximal = proximal
+        self._proximal = bool(proximal)
         self._wrapped = None
+        self._step_hook = None
 
     def before_train(self, runner):
         optim_wrapper = runner.optim_wrapper
@@ -88,7 +105,10 @@ class BNL1PenaltyHook(Hook):
         if self.rho != 0 and not penalised_atoms(runner.model)[0]:
             raise ValueError('BNL1PenaltyHook: the model has no searchable '
                              'AtomNAS block, the penalty would be 0')
-        cost = self.cost or getattr(self._controller(runner), 'cost', None)
+        controller = self._controller(runner)
+        self._proximal = controller is not None if self.proximal is None \
+            else self.proximal
+        cost = self.cost or getattr(controller, 'cost', None)
         if cost is not None and runner.iter == 0:  # resumed: weights loaded
             for backbone in find_backbones(model).values():
                 set_penalty_weights(backbone, cost)
@@ -103,8 +123,24 @@ class BNL1PenaltyHook(Hook):
 
         optim_wrapper.update_params = update_params
         self._wrapped = (optim_wrapper, own)
+        if self._proximal and self.rho != 0:
+            stepped = [None]
+
+            def after_step(optimizer, args, kwargs):
+                # Once per iteration: torch runs the hooks once per patched
+                # step() in a subclass chain (a subclass calling super()).
+                if stepped[0] != runner.iter:
+                    stepped[0] = runner.iter
+                    proximal_l1_step(runner.model, optimizer,
+                                     self.schedule_of(runner)(runner.iter))
+
+            self._step_hook = optim_wrapper.optimizer.register_step_post_hook(
+                after_step)
 
     def after_train(self, runner):
+        if self._step_hook is not None:
+            self._step_hook.remove()
+            self._step_hook = None
         if self._wrapped is None:
             return
         optim_wrapper, own = self._wrapped
@@ -125,7 +161,7 @@ class BNL1PenaltyHook(Hook):
         controller = self._controller(runner)
         if controller is None:
             return schedule
-        return lambda iteration: schedule(iteration) * controller.scale
+        return lambda iteration: schedule(iteration) * controller.factor
 
     @staticmethod
     def _controller(runner):
@@ -143,7 +179,11 @@ class BNL1PenaltyHook(Hook):
         rho = self.schedule_of(runner)(runner.iter)
         scalars = dict(penalty_rho=rho)
         loss = 0.0
-        if self.rho != 0:  # rho=0: weight decay only (retraining)
+        if self.rho != 0 and self._proximal:  # applied after the step
+            with torch.no_grad():
+                penalty = bn_l1_penalty(runner.model)
+            scalars.update(penalty_l1=penalty, loss_penalty=rho * penalty)
+        elif self.rho != 0:  # rho=0: weight decay only (retraining)
             penalty = bn_l1_penalty(runner.model)
             loss = rho * penalty
             scalars.update(penalty_l1=penalty.detach(),

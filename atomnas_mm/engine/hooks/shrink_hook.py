@@ -16,7 +16,8 @@ from ...search.costs import FLOPsCost, ParamsCost
 from ...search.policy import (MinCostTrigger, ThresholdCriterion, build_part,
                               check_number)
 from ...search.shrink import (apply_plan, atom_costs, atom_strengths,
-                              check_optimizer, check_plan, find_backbones,
+                              block_costs, check_optimizer, check_plan,
+                              find_backbones,
                               plan_from_strengths,
                               removed_cost, reshape_to_arch, shrink_optimizer)
 from ...fileio import atomic_write_json
@@ -167,50 +168,60 @@ class AtomShrinkHook(Hook):
 
     # -- the work -------------------------------------------------------------
     def decide(self, runner, final=False):
-        """The shrink plan and its cost; decided on rank 0, broadcast (with
-        the budget controller's new penalty scale)."""
+        """The shrink plan, its cost and whether it lands the net on the
+        budget; decided on rank 0, broadcast (with the budget controller's
+        new penalty scale)."""
         model, ema = self._model(runner), self._ema_module(runner)
-        decision = [None, None]
+        decision = [None, None, False]
         if is_main_process():
             strengths = atom_strengths(model, self.criterion, ema,
                                        final=final and ema is not None)
             plan = plan_from_strengths(model, strengths, self.criterion)
+            lands = False
             if self.controller is not None:
-                plan = self._budget_plan(runner, model, strengths, plan,
-                                         final)
+                plan, lands = self._budget_plan(runner, model, strengths,
+                                                plan, final)
             decision = [plan, None if self.controller is None
-                        else self.controller.scale]
+                        else self.controller.scale, lands]
         broadcast_object_list(decision)
-        plan, scale = decision
+        plan, scale, lands = decision
         if scale is not None:
             self.controller.scale = scale
-        return plan, removed_cost(model, plan, self.cost)
+        return plan, removed_cost(model, plan, self.cost), lands
 
     def _budget_plan(self, runner, model, strengths, plan, final):
         """Steer the penalty from the live cost; cap the plan at the target
-        (at the end: remove the weakest atoms down to it)."""
+        (at the deadline and at the end: remove the weakest atoms down to
+        it). Returns the plan and whether it leaves the net on the target."""
         controller = self.controller
         total = backbone_cost(model, self.cost)
         live = total - removed_cost(model, plan, self.cost)
-        controller.update(live, (runner.iter + 1) / runner.max_iters)
+        progress = (runner.iter + 1) / runner.max_iters
+        controller.update(live, progress)
         runner.message_hub.update_scalar('train/budget_live_cost', live)
         runner.message_hub.update_scalar('train/budget_scale',
-                                         controller.scale)
-        over = final and live > controller.target * (1 + controller.tolerance)
-        if over:
+                                         controller.factor)
+        force = controller.due(progress, final) and not controller.lands(live)
+        if force:
             runner.logger.warning(
-                f'AtomShrinkHook: the penalty did not reach the target '
-                f'({live:.6g} > {controller.target:.6g}); the final shrink '
-                'removes the weakest live atoms down to it (BN re-calibration '
-                'follows when BNRecalibrationHook is configured)')
-        candidates = {name: torch.ones_like(s, dtype=torch.bool) if over
+                f'AtomShrinkHook: the penalty did not reach the target by '
+                f'the {"end" if final else "deadline"} ({live:.6g} > '
+                f'{controller.target:.6g}); the weakest live atoms go down to '
+                'it (BN re-calibration follows when BNRecalibrationHook is '
+                'configured)')
+        candidates = {name: torch.ones_like(s, dtype=torch.bool) if force
                       else self.criterion.dead(s)
                       for name, s in strengths.items()}
-        return controller.cap(total, strengths, atom_costs(model, self.cost),
-                              dict(model.named_modules()), candidates)
+        plan, after = controller.cap(
+            total, strengths, block_costs(model, self.cost),
+            dict(model.named_modules()), candidates)
+        return plan, controller.lands(after)
 
     def shrink_if_due(self, runner, epoch, iteration, final=False):
-        """Decide dead atoms and shrink when the trigger agrees.
+        """Decide dead atoms and shrink when the trigger agrees (always when
+        the shrink lands the net on a budget target).
+
+        The trigger weighs the dead atoms in FLOPs, whatever the cost model.
 
         Args:
             epoch (int): The 1-based epoch (as mmengine's log counts) in or
@@ -221,9 +232,20 @@ class AtomShrinkHook(Hook):
         Returns:
             dict: The applied plan (empty when nothing was removed).
         """
-        plan, cost = self.decide(runner, final)
-        if not plan or not self.trigger(cost, final):
-            return {}
+        plan, cost, lands = self.decide(runner, final)
+        if plan and (lands or self.trigger(
+                removed_cost(self._model(runner), plan, self.flops), final)):
+            self._shrink(runner, plan, epoch, iteration, cost)
+        else:
+            plan = {}
+        if lands and not self.controller.landed:
+            self.controller.landed = True
+            runner.logger.info(
+                'AtomShrinkHook: the backbone is on its target; the penalty '
+                'is off for the rest of training')
+        return plan
+
+    def _shrink(self, runner, plan, epoch, iteration, cost):
         blocks = dict(self._model(runner).named_modules())
         removed = {name: blocks[name].num_atoms - len(keep)
                    for name, keep in plan.items()}
@@ -238,7 +260,6 @@ class AtomShrinkHook(Hook):
         self.apply(runner, plan)
         self._record(runner, epoch, iteration, removed=removed,
                      removed_cost=cost)
-        return plan
 
     def apply(self, runner, plan, fold=True):
         """Apply ``plan`` to the model, EMA copy, optimizer and DDP wrapper.
