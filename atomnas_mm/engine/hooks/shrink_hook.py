@@ -195,14 +195,21 @@ class AtomShrinkHook(Hook):
         it). Returns the plan and whether it leaves the net on the target."""
         controller = self.controller
         total = backbone_cost(model, self.cost)
-        live = total - removed_cost(model, plan, self.cost)
+        # The live cost counts atoms dead in the live weights: the EMA copy
+        # lags the penalty by its averaging window, a controller would wind
+        # up waiting for it.
+        dead_now = plan_from_strengths(
+            model, atom_strengths(model, self.criterion), self.criterion)
+        live = total - removed_cost(model, dead_now, self.cost)
         progress = (runner.iter + 1) / runner.max_iters
         controller.update(live, progress)
         runner.message_hub.update_scalar('train/budget_live_cost', live)
         runner.message_hub.update_scalar('train/budget_scale',
                                          controller.factor)
-        force = controller.due(progress, final) and not controller.lands(live)
-        if force:
+        # At the deadline (or the end) the weakest atoms go down to the
+        # target, dead or not (the EMA copy may still lag the live weights).
+        force = controller.due(progress, final)
+        if force and not controller.lands(live):
             runner.logger.warning(
                 f'AtomShrinkHook: the penalty did not reach the target by '
                 f'the {"end" if final else "deadline"} ({live:.6g} > '
