@@ -54,7 +54,9 @@ def build(se_ratio=None, with_cp=False, dtype=torch.float64, fmt=CL,
 
 
 def modules_only(model):
-    """The same model, each block pinned to its module form."""
+    """The same model, each block (and the stem and head) pinned to its
+    module form."""
+    model.cache_inference = False
     for m in model.modules():
         if isinstance(m, AtomicBlock):
             m.train_forms = {}
@@ -213,9 +215,9 @@ def test_float32_within_1e5(act, calls, monkeypatch):
         scale = out_r.abs().max()
         assert (out_f - out_r).abs().max() <= 1e-5 * scale
     assert calls == dict(_per_kernel_branch=3, _inference_forward=5)
-    # expand (4 blocks) and depthwise (5) with the activation, projection
-    # with the residual (2 residual blocks; alone it needs no fusion)
-    assert op.calls == dict(unary=9, binary=2)
+    # stem, head, expand (4 blocks) and depthwise (5) with the activation,
+    # projection with the residual (2 residual blocks; alone no fusion)
+    assert op.calls == dict(unary=11, binary=2)
 
 
 def test_inference_cache_follows_every_change(calls):

@@ -754,6 +754,78 @@ def deployed_forward(block, x):
                          residual=x if block.use_res else None)
 
 
+class _FoldedConvModule(NamedTuple):
+    tensors: list  # the folded tensors and their versions
+    versions: list
+    step: _ConvStep
+
+
+def conv_module_forward(module, x):
+    """An mmcv ``ConvModule`` (conv, BN, activation) with its BN folded, as
+    a cached :class:`_ConvStep` (oneDNN conv + activation on a CPU in
+    float32), in eval mode without autograd; else the module as it is.
+
+    The stem and head of :class:`AtomNAS` run through it; the cache follows
+    the same rules as the blocks' inference form.
+    """
+    if module.training or torch.is_grad_enabled():
+        return module(x)
+    step = _folded_conv_module(module)
+    if step is None:
+        return module(x)
+    fuse = step.weight.dtype == torch.float32 and _FUSED_CONV is not None \
+        and x.device.type == 'cpu' and torch.backends.mkldnn.enabled \
+        and not torch.is_autocast_enabled('cpu')
+    return _conv_forward(x, step, fuse)
+
+
+def drop_inference_cache(*modules):
+    """Forget the cached inference forms of ``modules`` (None skipped)."""
+    for module in modules:
+        if module is not None:
+            _INFERENCE_CACHE.pop(module, None)
+
+
+def _folded_conv_module(module):
+    """The cached folded step of a ConvModule, rebuilt when stale; None when
+    the module form must run (hooks, another layer order or layer type, BN
+    in training mode, a conv bias, inference tensors)."""
+    conv = getattr(module, 'conv', None)
+    norm = module.norm if getattr(module, 'with_norm', False) else None
+    act = module.activate if module.with_activation else None
+    if type(conv) is not nn.Conv2d or type(norm) not in (
+            nn.BatchNorm2d, nn.SyncBatchNorm) or norm.training \
+            or conv.bias is not None or conv.padding_mode != 'zeros' \
+            or isinstance(conv.padding, str) or conv.dilation != (1, 1) \
+            or tuple(module.order) != ('conv', 'norm', 'act') \
+            or norm.running_var is None or any(
+                m._forward_hooks or m._forward_pre_hooks
+                for m in (module, conv, norm, act) if m is not None) \
+            or _nn_module._global_forward_hooks \
+            or _nn_module._global_forward_pre_hooks \
+            or torch.jit.is_tracing() or torch.compiler.is_compiling():
+        return None
+    # num_batches_tracked: BN kernels update the statistics without a
+    # version bump, its Python-side add_ bumps one
+    tensors = [conv.weight] + [t for t in (
+        norm.weight, norm.bias, norm.running_mean, norm.running_var,
+        norm.num_batches_tracked) if t is not None]
+    if any(t.is_inference() for t in tensors):
+        return None
+    cached = _INFERENCE_CACHE.get(module)
+    if cached is not None and all(map(operator.is_, tensors,
+                                      cached.tensors)) and \
+            [t._version for t in tensors] == cached.versions:
+        return cached.step
+    with torch.no_grad():
+        weight, bias = _fold(conv, norm)
+    step = _ConvStep(weight, bias, list(conv.stride), list(conv.padding),
+                     conv.groups, act, _FUSED_ACTS.get(type(act)))
+    _INFERENCE_CACHE[module] = _FoldedConvModule(
+        tensors, [t._version for t in tensors], step)
+    return step
+
+
 def _uses_onednn(x, step):
     """Whether ``F.conv2d`` picks oneDNN for this float32 CPU conv (torch's
     rule: single-threaded 1x1 convs at small batch run its native GEMM,

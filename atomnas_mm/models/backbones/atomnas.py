@@ -9,7 +9,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ...registry import MODELS
 from ..archs import ARCH_KEYS, Row, get_arch, parse_arch, supernet_rows
-from ..blocks import AtomicBlock, dw_key
+from ..blocks import (AtomicBlock, conv_module_forward, drop_inference_cache,
+                      dw_key)
 
 __all__ = ['ARCH_KEYS', 'AtomNAS']
 
@@ -205,16 +206,26 @@ class AtomNAS(BaseBackbone):
             offset += h
         return torch.tensor(keep, dtype=torch.long)
 
+    #: In eval mode without autograd the stem and head convs run with their
+    #: BN folded (cached, like the blocks' inference form:
+    #: :attr:`AtomicBlock.cache_inference`). False disables it.
+    cache_inference = True
+
     def forward(self, x):
-        x = self.conv1(x)
+        x = self._conv_module(self.conv1, x)
         outs = []
         for i, name in enumerate(self.layers):
             x = getattr(self, name)(x)
             if i in self.out_indices:
                 outs.append(x)
         if self.num_stages in self.out_indices:
-            outs.append(self.conv2(x))
+            outs.append(self._conv_module(self.conv2, x))
         return tuple(outs)
+
+    def _conv_module(self, module, x):
+        if self.cache_inference:
+            return conv_module_forward(module, x)
+        return module(x)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata,
                               strict, missing_keys, unexpected_keys,
@@ -291,7 +302,15 @@ class AtomNAS(BaseBackbone):
                 for param in m.parameters():
                     param.requires_grad = False
 
+    def _apply(self, fn, *args, **kwargs):
+        # .to() / .half() replace tensor data without a version bump
+        drop_inference_cache(self._modules.get('conv1'),
+                             self._modules.get('conv2'))
+        return super()._apply(fn, *args, **kwargs)
+
     def train(self, mode=True):
+        drop_inference_cache(self._modules.get('conv1'),
+                             self._modules.get('conv2'))
         super().train(mode)
         self._freeze_stages()
         if mode and self.norm_eval:
