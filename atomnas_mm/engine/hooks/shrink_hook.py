@@ -73,9 +73,11 @@ class AtomShrinkHook(Hook):
             ``dict(flops=300e6)`` or ``dict(params=4e6)``: a
             :class:`~atomnas_mm.search.budget.BudgetController` then steers
             the penalty strength of BNL1PenaltyHook (a factor on its
-            schedule) and caps every shrink at the target.
+            schedule, applied as a proximal step) and caps every shrink at
+            the target; once the net is on the target the penalty is off.
         deadline (float): With ``target``: fraction of training by which the
-            target is reached.
+            target is reached (the first check at or after it removes the
+            weakest atoms down to the target).
         tolerance (float): With ``target``: the net ends within
             ``[target, target * (1 + tolerance)]``.
         latency_table (str, optional): With ``target=dict(latency_ms=...)``:
