@@ -152,19 +152,24 @@ def set_penalty_weights(backbone, cost):
             block.atom_cost.copy_(weight)
 
 
+TABLE_VERSION = 2
+
+
 @SEARCH.register_module()
 class LatencyCost:
     """Latency (ms) from a table measured on the deployment device.
 
     The table (``tools/analysis_tools/atom_latency_table.py``) holds, for
-    every block of the supernet, the measured latency of the block with one
-    kernel group of width ``w`` alone, for a few widths per kernel, plus the
-    stem and head. A block with widths ``h`` is predicted as
-    ``base + sum_k (L_k(h_k) - base)`` over its non-empty groups, ``L_k``
-    interpolated linearly between the samples and ``base`` the groups'
-    common part (their linear extrapolation to width 0); an emptied block
-    costs its measured identity time. An atom costs the mean slope of its
-    kernel group, ``(L_k(max) - base) / max``.
+    every block of the supernet and each of its kernel sizes ``k``, the
+    measured latency ``L_k(w)`` of the block with one group of kernel ``k``
+    and width ``w``, for a few ``w`` up to the block's total width, plus the
+    stem and head. In eval mode (and after ``deploy_model``) a block runs its
+    kernel groups as one depthwise conv of its largest kernel, zero-padded:
+    a block with widths ``h`` costs ``L_kmax(sum h)``, interpolated linearly
+    between the samples (``base``, the curves' extrapolation to width 0,
+    below the first); an emptied block costs its measured identity time. An
+    atom costs the mean slope of its kernel's curve, ``(L_k(max) - base) /
+    max`` (the penalty weight).
 
     Args:
         table (str | dict): The JSON table or its path.
@@ -181,6 +186,12 @@ class LatencyCost:
                                  f'{table}: {e}') from None
         if not isinstance(table, dict) or 'blocks' not in table:
             raise ValueError('table: not a latency table (no "blocks")')
+        if table.get('version') != TABLE_VERSION:
+            raise ValueError(
+                f'table: version {table.get("version")!r}, expected '
+                f'{TABLE_VERSION} (curves up to the block width, one group '
+                'of the largest kernel); measure it again with '
+                'tools/analysis_tools/atom_latency_table.py')
         self.table = _monotone(table)
 
     def _entries(self, backbone):
@@ -211,12 +222,9 @@ class LatencyCost:
         groups = [(k, h) for k, h in groups if h > 0]
         if not groups:
             return entry['empty_ms']
-        base = entry['base_ms']
-        total = base
-        for k, h in groups:
-            widths, ms = cls._curve(entry, k)
-            total += _interp(h, [0] + widths, [base] + ms) - base
-        return total
+        widths, ms = cls._curve(entry, max(k for k, _ in groups))
+        return _interp(sum(h for _, h in groups), [0] + widths,
+                       [entry['base_ms']] + ms)
 
     def atom_costs(self, backbone):
         costs = []

@@ -1,8 +1,10 @@
 """Measure latency tables for :class:`~atomnas_mm.search.costs.LatencyCost`.
 
 A table is measured on the machine it will describe: every block of a
-backbone is rebuilt alone with one kernel group at a few widths and timed
-(eval mode, no grad) with ``torch.utils.benchmark``; stem and head too.
+backbone is rebuilt alone with one group of each of its kernel sizes at a few
+widths up to the block's total width and timed (eval mode, no grad, the
+inference form that deployment runs) with ``torch.utils.benchmark``; stem and
+head too.
 """
 import copy
 import random
@@ -11,7 +13,7 @@ import torch
 from torch.utils import benchmark
 
 from ..models.blocks import AtomicBlock
-from .costs import LatencyCost
+from .costs import TABLE_VERSION, LatencyCost
 
 
 def measure_ms(module, x, min_run_time=0.1):
@@ -46,8 +48,8 @@ def measure_table(backbone, device='cpu', batch=1, input_size=224,
         device (str): ``'cpu'`` or ``'cuda'``.
         batch (int): Batch size.
         input_size (int): Image side.
-        samples (int): Widths measured per kernel group (evenly spaced up to
-            the block's width).
+        samples (int): Widths measured per kernel size (evenly spaced up to
+            the block's total width).
         min_run_time (float): Seconds of timing per measurement.
         progress (bool): Show mmengine's progress bar.
 
@@ -78,8 +80,11 @@ def measure_table(backbone, device='cpu', batch=1, input_size=224,
     for i, (block, size) in enumerate(zip(blocks, sizes)):
         shape = (batch, block.in_channels, size, size)
         kernels = {}
+        total = sum(h for _, h in block.atom_groups())
         for k, h in block.atom_groups():
-            widths = sorted({max(1, round(h * (j + 1) / samples))
+            # Up to the block's total width: with several groups the block
+            # runs as one group of its largest kernel (LatencyCost).
+            widths = sorted({max(1, round(total * (j + 1) / samples))
                              for j in range(samples)})
             if not block.has_expand:
                 widths = [h]  # fixed width (no expand conv)
@@ -104,7 +109,8 @@ def measure_table(backbone, device='cpu', batch=1, input_size=224,
                   (batch, backbone.conv2.conv.in_channels, last, last))
     if bar is not None:
         print()
-    return dict(device=str(device), batch=batch, input_size=input_size,
+    return dict(version=TABLE_VERSION, device=str(device), batch=batch,
+                input_size=input_size,
                 in_channels=channels, stem_ms=stem_ms, head_ms=head_ms,
                 blocks=entries)
 
