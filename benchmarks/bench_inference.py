@@ -30,8 +30,6 @@ from common import (Classifier, atomnas_classifier,  # noqa
 
 from atomnas_mm.models import count_flops_params  # noqa
 from atomnas_mm.models.archs import get_arch  # noqa
-from atomnas_mm.models.blocks import (DeployedAtomicBlock,  # noqa
-                                      deployed_forward)
 from atomnas_mm.models.deploy import deploy_model  # noqa
 
 FORMATS = ('contiguous', 'channels_last')
@@ -57,21 +55,7 @@ def build_models(names):
             models[name + ' (modules)'] = set_forms(
                 copy.deepcopy(m), cache_inference=False)
             models[name + ' (deploy)'] = deploy_model(m)
-            if DeployedAtomicBlock.forward is not deployed_forward:
-                # the oneDNN-fused deployed form, until the model uses it
-                models[name + ' (deploy, fused)'] = _fused(deploy_model(m))
     return models
-
-
-class _FusedDeployed(DeployedAtomicBlock):
-    forward = deployed_forward
-
-
-def _fused(model):
-    for m in model.modules():
-        if type(m) is DeployedAtomicBlock:
-            m.__class__ = _FusedDeployed
-    return model
 
 
 def measure(models, batch, formats, reps, dev, amp=False, size=224):
@@ -101,8 +85,7 @@ def best_format(ips, name, formats):
 # (candidate, reference) pairs of the goals; '(modules)' is information
 PAIRS = (('atomnas_a', 'MobileNetV2'),
          ('atomnas_a (modules)', 'MobileNetV2'),
-         ('atomnas_a (deploy)', 'MobileNetV2 (BN folded)'),
-         ('atomnas_a (deploy, fused)', 'MobileNetV2 (BN folded)'))
+         ('atomnas_a (deploy)', 'MobileNetV2 (BN folded)'))
 
 
 def main():

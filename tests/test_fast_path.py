@@ -460,20 +460,19 @@ def test_gpu_check_cpu_smoke():
 
 @pytest.mark.parametrize('act', ['ReLU', 'Swish'])
 def test_deployed_forward_fused_equals_modules(act, monkeypatch):
-    """``blocks.deployed_forward`` (the fused form offered to
-    ``DeployedAtomicBlock.forward``) equals the deployed modules."""
-    from atomnas_mm.models.blocks import DeployedAtomicBlock, deployed_forward
+    """Deployed blocks run oneDNN-fused without autograd, their modules
+    with it: the same outputs."""
     from atomnas_mm.models.deploy import deploy_model
     model = shrink(build(dtype=torch.float32, se_ratio=0.5,
                          act_cfg=dict(type=act))).eval()
     deployed = deploy_model(model)
     x = input_like(model)
+    op = CountingOp(blocks._FUSED_CONV)
+    monkeypatch.setattr(blocks, '_FUSED_CONV', op)
+    monkeypatch.setattr(torch, 'get_num_threads', lambda: 2)
+    ref = deployed(x)[-1].detach()  # autograd on: the modules
+    assert op.calls == dict(unary=0, binary=0)
     with torch.no_grad():
-        ref = deployed(x)[-1]
-        op = CountingOp(blocks._FUSED_CONV)
-        monkeypatch.setattr(blocks, '_FUSED_CONV', op)
-        monkeypatch.setattr(torch, 'get_num_threads', lambda: 2)
-        monkeypatch.setattr(DeployedAtomicBlock, 'forward', deployed_forward)
         out = deployed(x)[-1]
     assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
     assert op.calls['unary'] > 0 and op.calls['binary'] > 0

@@ -718,9 +718,10 @@ def _deployed_step(layer, act=None):
 
 
 def deployed_forward(block, x):
-    """``DeployedAtomicBlock.forward`` with the oneDNN fusion of the cached
+    """``DeployedAtomicBlock.forward``: the oneDNN fusion of the cached
     inference form (conv + activation, projection + residual) on a CPU in
-    float32; anywhere else, or traced (ONNX), the modules as they are.
+    float32 without autograd; anywhere else, or traced (ONNX), the modules
+    as they are.
 
     Args:
         block (DeployedAtomicBlock): The deployed block.
@@ -897,14 +898,7 @@ class DeployedAtomicBlock(nn.Module):
             self.bias = None
 
     def forward(self, x):
-        if self.project is None:
-            return x + self.bias.view(1, -1, 1, 1)
-        out = x if self.expand is None else self.expand(x)
-        out = self.dw_act(self.dw(out))
-        if self.se is not None:
-            out = self.se(out)
-        out = self.project(out)
-        return x + out if self.use_res else out
+        return deployed_forward(self, x)
 
 
 def _conv_act(cm):
