@@ -304,6 +304,25 @@ def test_proximal_hook_steps_after_the_optimizer_not_in_the_loss(tmp_path):
     assert not runner.optim_wrapper.optimizer._optimizer_step_post_hooks
 
 
+def test_proximal_hook_with_amp_bf16_on_cpu(tmp_path):
+    """The proximal step follows AmpOptimWrapper's optimizer step."""
+    rho = 100.0
+    kwargs = dict(wrapper_cls=AmpOptimWrapper,
+                  wrapper_kwargs=dict(dtype='bfloat16'))
+    target = ('mmengine.optim.optimizer.amp_optimizer_wrapper.'
+              'is_cuda_available')
+    with mock.patch(target, return_value=True):
+        runner, _ = train(tmp_path, hooks=[BNL1PenaltyHook(
+            rho=rho, warmup_epochs=0, proximal=True)], **kwargs)
+        plain_runner, _ = train(tmp_path, **kwargs)
+    names = {p: n for n, p in runner.model.named_parameters()}
+    plain_params = dict(plain_runner.model.named_parameters())
+    for gamma, cost in atom_weights(runner.model.backbone).items():
+        want = soft_threshold(plain_params[names[gamma]].detach(),
+                              0.01 * rho * cost)
+        torch.testing.assert_close(gamma.detach(), want, rtol=0, atol=1e-6)
+
+
 def test_hook_with_amp_bf16_on_cpu(tmp_path):
     # mmengine 0.10.7's AmpOptimWrapper asserts a GPU; on CPU its GradScaler
     # disables itself and autocast runs bf16 on the CPU. Patch the check.
