@@ -288,15 +288,7 @@ def test_proximal_hook_steps_after_the_optimizer_not_in_the_loss(tmp_path):
     plain_runner, plain = train(tmp_path, **kwargs)
     assert len(hooked.records) == len(plain.records) == 1
     assert_grad_difference(hooked, plain, runner.model, rho=0.0)
-    names = {p: n for n, p in runner.model.named_parameters()}
-    plain_params = dict(plain_runner.model.named_parameters())
-    zeros = 0
-    for gamma, cost in atom_weights(runner.model.backbone).items():
-        want = soft_threshold(plain_params[names[gamma]].detach(),
-                              0.01 * rho * cost)
-        torch.testing.assert_close(gamma.detach(), want, rtol=0, atol=1e-7)
-        zeros += int((gamma == 0).sum())
-    assert zeros > 0
+    assert assert_soft_thresholded(runner, plain_runner, 0.01 * rho) > 0
     hub = runner.message_hub
     assert hub.get_scalar('train/loss_penalty').current() == pytest.approx(
         rho * hub.get_scalar('train/penalty_l1').current())
@@ -304,37 +296,46 @@ def test_proximal_hook_steps_after_the_optimizer_not_in_the_loss(tmp_path):
     assert not runner.optim_wrapper.optimizer._optimizer_step_post_hooks
 
 
-def test_proximal_hook_with_amp_bf16_on_cpu(tmp_path):
-    """The proximal step follows AmpOptimWrapper's optimizer step."""
-    rho = 100.0
+def train_with_and_without_bf16(tmp_path, hook):
+    """``train`` with ``hook`` and without, both under AmpOptimWrapper bf16.
+
+    mmengine 0.10.7's AmpOptimWrapper asserts a GPU; on CPU its GradScaler
+    disables itself and autocast runs bf16 on the CPU. Patch the check.
+    """
     kwargs = dict(wrapper_cls=AmpOptimWrapper,
                   wrapper_kwargs=dict(dtype='bfloat16'))
     target = ('mmengine.optim.optimizer.amp_optimizer_wrapper.'
               'is_cuda_available')
     with mock.patch(target, return_value=True):
-        runner, _ = train(tmp_path, hooks=[BNL1PenaltyHook(
-            rho=rho, warmup_epochs=0, proximal=True)], **kwargs)
-        plain_runner, _ = train(tmp_path, **kwargs)
+        return train(tmp_path, hooks=[hook], **kwargs), train(tmp_path,
+                                                              **kwargs)
+
+
+def assert_soft_thresholded(runner, plain_runner, step):
+    """Every penalised gamma is the plain run's, soft-thresholded by
+    ``step * p``; returns how many are exactly 0."""
     names = {p: n for n, p in runner.model.named_parameters()}
     plain_params = dict(plain_runner.model.named_parameters())
+    zeros = 0
     for gamma, cost in atom_weights(runner.model.backbone).items():
         want = soft_threshold(plain_params[names[gamma]].detach(),
-                              0.01 * rho * cost)
+                              step * cost)
         torch.testing.assert_close(gamma.detach(), want, rtol=0, atol=1e-6)
+        zeros += int((gamma == 0).sum())
+    return zeros
+
+
+def test_proximal_hook_with_amp_bf16_on_cpu(tmp_path):
+    """The proximal step follows AmpOptimWrapper's optimizer step."""
+    (runner, _), (plain_runner, _) = train_with_and_without_bf16(
+        tmp_path, BNL1PenaltyHook(rho=100.0, warmup_epochs=0, proximal=True))
+    assert assert_soft_thresholded(runner, plain_runner, 0.01 * 100.0) > 0
 
 
 def test_hook_with_amp_bf16_on_cpu(tmp_path):
-    # mmengine 0.10.7's AmpOptimWrapper asserts a GPU; on CPU its GradScaler
-    # disables itself and autocast runs bf16 on the CPU. Patch the check.
     rho = 0.5
-    kwargs = dict(wrapper_cls=AmpOptimWrapper,
-                  wrapper_kwargs=dict(dtype='bfloat16'))
-    target = ('mmengine.optim.optimizer.amp_optimizer_wrapper.'
-              'is_cuda_available')
-    with mock.patch(target, return_value=True):
-        runner, hooked = train(tmp_path, hooks=[BNL1PenaltyHook(
-            rho=rho, warmup_epochs=0)], **kwargs)
-        _, plain = train(tmp_path, **kwargs)
+    (runner, hooked), (_, plain) = train_with_and_without_bf16(
+        tmp_path, BNL1PenaltyHook(rho=rho, warmup_epochs=0))
     assert isinstance(runner.optim_wrapper, AmpOptimWrapper)
     assert_grad_difference(hooked, plain, runner.model, rho)
 
