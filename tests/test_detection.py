@@ -209,6 +209,7 @@ def coco(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow  # a whole mmdet train + test run: 6-7 s each
 @pytest.mark.parametrize('detector', ['retinanet', 'faster-rcnn'])
 def test_zoo_backbone(detector, coco, tmp_path):
     pretrained = str(tmp_path / 'atomnas-a_cls.pth')
@@ -228,6 +229,7 @@ def test_zoo_backbone(detector, coco, tmp_path):
         assert 'coco/bbox_mAP' in metrics
 
 
+@pytest.mark.slow
 def test_exported_searched_backbone(coco, tmp_path):
     # What tools/export_searched.py writes for a search of the supernet:
     # arch.json and an ImageClassifier checkpoint of the shrunk net.
