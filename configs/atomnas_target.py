@@ -1,8 +1,9 @@
 # One-pass search for a FLOPs budget on ImageNet-1k: write the budget, not a
-# penalty strength. AtomShrinkHook's budget controller steers the penalty
-# from the live cost of the backbone (atoms not yet dead), reaches the target
-# by half of training, holds it, and lands the final net in
-# [target, target * 1.02] (README, "Budgets").
+# penalty strength. AtomShrinkHook's budget controller steers the penalty (a
+# proximal step on the atoms' BN scales with a target) from the live cost of
+# the backbone (atoms not yet dead), puts the net in [target, target * 1.02]
+# by half of training, then turns the penalty off: the second half trains the
+# final net (README, "Budgets").
 #
 #   bash tools/dist_train.sh configs/atomnas_target.py 8
 #   bash tools/dist_train.sh configs/atomnas_target.py 8 \
