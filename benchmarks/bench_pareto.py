@@ -26,8 +26,8 @@ search keeps the config's threshold (1e-3) and rho (3e-3; ``--threshold`` /
 ``--rho`` override them): the penalty is a proximal step with a target, so
 atoms die when the controller asks, the net is on the target by the
 deadline (half of training) and fine-tunes without penalty after.
-Validation on the Fashion-MNIST test set (``--val-images``) at the end only. One torch thread
-per run (``--threads``). Prints one table (landing error, top-1 mean and
+Validation on the Fashion-MNIST test set (``--val-images``) at the end only.
+One torch thread per run (``--threads``). Prints one table (landing error, top-1 mean and
 spread over seeds) and writes an accuracy-vs-FLOPs plot.
 
     .venv/bin/python benchmarks/bench_pareto.py --quick        # ~2 min

@@ -27,7 +27,8 @@ def parse_args(argv=None):
                         help='image side (default: the config\'s '
                         'AtomShrinkHook input_size, else 224)')
     parser.add_argument('--samples', type=int, default=4,
-                        help='widths measured per kernel size, up to the block width')
+                        help='widths measured per kernel size, up to the block '
+                        'width')
     parser.add_argument('--min-run-time', type=float, default=0.1,
                         help='seconds of timing per measurement')
     parser.add_argument('--out', help='where to write the table (JSON)')
