@@ -100,21 +100,24 @@ def test_by_epoch_shrink_in_an_iteration_loop(tmp_path):
                            r'loop, got IterBasedTrainLoop', tmp_path)
 
 
-def test_penalty_without_an_atomnas_backbone(tmp_path):
+def resnet_cfg(tmp_path):
+    """The tiny search config with a ResNet-18 backbone instead."""
     cfg = make_cfg(str(tmp_path))
     cfg['model']['backbone'] = dict(type='ResNet', depth=18)
     cfg['model']['head']['in_channels'] = 512
+    return cfg
+
+
+def test_penalty_without_an_atomnas_backbone(tmp_path):
+    cfg = resnet_cfg(tmp_path)
     cfg['custom_hooks'] = [dict(type='atomnas_mm.BNL1PenaltyHook', rho=1e-4)]
     _fails_before_training(cfg, r'no searchable AtomNAS block, the penalty '
                            r'would be 0', tmp_path)
 
 
 def test_shrink_without_an_atomnas_backbone(tmp_path):
-    cfg = make_cfg(str(tmp_path))
-    cfg['model']['backbone'] = dict(type='ResNet', depth=18)
-    cfg['model']['head']['in_channels'] = 512
-    _fails_before_training(cfg, r'the model has no AtomNAS backbone',
-                           tmp_path)
+    _fails_before_training(resnet_cfg(tmp_path),
+                           r'the model has no AtomNAS backbone', tmp_path)
 
 
 def test_a_failing_shrink_leaves_everything_as_it_was():

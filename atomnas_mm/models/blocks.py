@@ -374,9 +374,7 @@ class AtomicBlock(BaseModule):
         """The whole block through its cached inference form (eval, no
         autograd). On CPU in float32 each conv runs with its activation, the
         projection with the residual addition, fused in one oneDNN call."""
-        fuse = form.fusable and _FUSED_CONV is not None \
-            and x.device.type == 'cpu' and torch.backends.mkldnn.enabled \
-            and not torch.is_autocast_enabled('cpu')
+        fuse = form.fusable and _fusable(x)
         *expand, dw, project = form.steps
         out = _conv_forward(x, expand[0], fuse) if expand else x
         out = _conv_forward(out, dw, fuse)
@@ -540,8 +538,10 @@ def _block_modules(block):
     return mods
 
 
-def _plain(cm, conv, norm, act, pointwise):
-    """ConvModule conv -> BatchNorm2d -> [act], zero padding, no conv bias."""
+def _plain(cm, conv, norm, act, pointwise=None):
+    """ConvModule conv -> BatchNorm2d -> [act], zero padding, no conv bias;
+    with ``pointwise`` True / False also a 1x1 / a same-padded depthwise
+    conv."""
     if (not isinstance(cm, ConvModule) or tuple(cm.order) != ('conv', 'norm',
                                                                'act')
             or cm.with_explicit_padding or type(conv) is not nn.Conv2d
@@ -549,6 +549,8 @@ def _plain(cm, conv, norm, act, pointwise):
             or conv.padding_mode != 'zeros' or conv.dilation != (1, 1)
             or (act is None) == cm.with_activation):
         return False
+    if pointwise is None:
+        return True
     if pointwise:
         return conv.kernel_size == (1, 1) and conv.stride == (1, 1) \
             and conv.padding == (0, 0) and conv.groups == 1
@@ -557,22 +559,43 @@ def _plain(cm, conv, norm, act, pointwise):
         and conv.groups == conv.in_channels == conv.out_channels
 
 
-def _hook_dicts(block, mods):
-    """The dicts that registering a forward (pre-)hook fills, in place."""
+def _hook_dicts(modules):
+    """The dicts that registering a forward (pre-)hook on ``modules`` (None
+    skipped) or globally fills, in place."""
     dicts = [_nn_module._global_forward_hooks,
              _nn_module._global_forward_pre_hooks]
-    for m in [block] + mods[2:]:
+    for m in modules:
         if m is not None:
             dicts += [m._forward_hooks, m._forward_pre_hooks]
     return dicts
+
+
+def _tracing():
+    """Whether torch traces, scripts, compiles or exports: the modules must
+    run as they are (ONNX export sees them)."""
+    return torch.jit.is_tracing() or torch.jit.is_scripting() \
+        or torch.compiler.is_compiling() or torch.compiler.is_exporting()
+
+
+def _fusable(x):
+    """Whether oneDNN conv + post-op fusion may run on ``x`` (a CPU tensor,
+    oneDNN enabled, no CPU autocast); the weights must be float32 too."""
+    return _FUSED_CONV is not None and x.device.type == 'cpu' \
+        and torch.backends.mkldnn.enabled \
+        and not torch.is_autocast_enabled('cpu')
+
+
+def _unchanged(tensors, cached_tensors, cached_versions):
+    """Whether ``tensors`` are the cached objects, not written since."""
+    return all(map(operator.is_, tensors, cached_tensors)) and \
+        [t._version for t in tensors] == cached_versions
 
 
 def _forward_state(block):
     """The block's :class:`_ForwardState`, or None when only the module form
     may run: unusual layers, forward hooks (e.g. FLOPs counting) or tracing
     and compiling (ONNX export sees the modules)."""
-    if torch.jit.is_tracing() or torch.jit.is_scripting() \
-            or torch.compiler.is_compiling() or torch.compiler.is_exporting():
+    if _tracing():
         return None
     mods = _block_modules(block)
     state = _FORWARD_STATE.get(block)
@@ -585,7 +608,7 @@ def _forward_state(block):
         acts = {type(layer[3]) for layer in layers[1:1 + len(block.dw)]}
         state = _ForwardState(
             mods, plain and mods[0] is not None and len(block.dw) > 1,
-            plain and len(acts) == 1, _hook_dicts(block, mods))
+            plain and len(acts) == 1, _hook_dicts([block] + mods[2:]))
         _FORWARD_STATE[block] = state
     if not (state.multi or state.foldable) or any(state.hooks):
         return None
@@ -636,9 +659,8 @@ def _inference_form(block):
         return None
     cached = _INFERENCE_CACHE.get(block)
     if cached is not None and cached.state is state:
-        tensors = [d[k] for d, k in cached.entries]
-        if all(map(operator.is_, tensors, cached.tensors)) and \
-                [t._version for t in tensors] == cached.versions:
+        if _unchanged([d[k] for d, k in cached.entries], cached.tensors,
+                      cached.versions):
             return cached
     entries = [(getattr(norm, d), k) for norm in norms
                for d, k in _NORM_TENSORS]
@@ -729,11 +751,8 @@ def deployed_forward(block, x):
     """
     if block.project is None:
         return x + block.bias.view(1, -1, 1, 1)
-    fuse = (_FUSED_CONV is not None and x.device.type == 'cpu'
-            and x.dtype == torch.float32 and torch.backends.mkldnn.enabled
-            and not torch.is_autocast_enabled('cpu') and
-            not torch.is_grad_enabled() and not torch.jit.is_tracing()
-            and not torch.compiler.is_compiling()
+    fuse = (_fusable(x) and x.dtype == torch.float32
+            and not torch.is_grad_enabled() and not _tracing()
             and not (_nn_module._global_forward_hooks
                      or _nn_module._global_forward_pre_hooks))
     steps = [None if block.expand is None else _deployed_step(block.expand),
@@ -774,10 +793,8 @@ def conv_module_forward(module, x):
     step = _folded_conv_module(module)
     if step is None:
         return module(x)
-    fuse = step.weight.dtype == torch.float32 and _FUSED_CONV is not None \
-        and x.device.type == 'cpu' and torch.backends.mkldnn.enabled \
-        and not torch.is_autocast_enabled('cpu')
-    return _conv_forward(x, step, fuse)
+    return _conv_forward(x, step, step.weight.dtype == torch.float32
+                         and _fusable(x))
 
 
 def drop_inference_cache(*modules):
@@ -791,20 +808,13 @@ def _folded_conv_module(module):
     """The cached folded step of a ConvModule, rebuilt when stale; None when
     the module form must run (hooks, another layer order or layer type, BN
     in training mode, a conv bias, inference tensors)."""
-    conv = getattr(module, 'conv', None)
-    norm = module.norm if getattr(module, 'with_norm', False) else None
-    act = module.activate if module.with_activation else None
-    if type(conv) is not nn.Conv2d or type(norm) not in (
-            nn.BatchNorm2d, nn.SyncBatchNorm) or norm.training \
-            or conv.bias is not None or conv.padding_mode != 'zeros' \
-            or isinstance(conv.padding, str) or conv.dilation != (1, 1) \
-            or tuple(module.order) != ('conv', 'norm', 'act') \
-            or norm.running_var is None or any(
-                m._forward_hooks or m._forward_pre_hooks
-                for m in (module, conv, norm, act) if m is not None) \
-            or _nn_module._global_forward_hooks \
-            or _nn_module._global_forward_pre_hooks \
-            or torch.jit.is_tracing() or torch.compiler.is_compiling():
+    children = module._modules
+    conv, act = children.get('conv'), children.get('activate')
+    norm = children.get(getattr(module, 'norm_name', None))
+    if _tracing() or not _plain(module, conv, norm, act) or norm.training \
+            or norm.running_var is None or any(_hook_dicts(
+                [module, conv, norm, act])) \
+            or isinstance(conv.padding, str):
         return None
     # num_batches_tracked: BN kernels update the statistics without a
     # version bump, its Python-side add_ bumps one
@@ -814,9 +824,8 @@ def _folded_conv_module(module):
     if any(t.is_inference() for t in tensors):
         return None
     cached = _INFERENCE_CACHE.get(module)
-    if cached is not None and all(map(operator.is_, tensors,
-                                      cached.tensors)) and \
-            [t._version for t in tensors] == cached.versions:
+    if cached is not None and _unchanged(tensors, cached.tensors,
+                                         cached.versions):
         return cached.step
     with torch.no_grad():
         weight, bias = _fold(conv, norm)

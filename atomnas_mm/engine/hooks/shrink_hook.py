@@ -178,11 +178,12 @@ class AtomShrinkHook(Hook):
         if is_main_process():
             strengths = atom_strengths(model, self.criterion, ema,
                                        final=final and ema is not None)
-            plan = plan_from_strengths(model, strengths, self.criterion)
-            lands = False
-            if self.controller is not None:
+            if self.controller is None:
+                plan = plan_from_strengths(model, strengths, self.criterion)
+                lands = False
+            else:
                 plan, lands = self._budget_plan(runner, model, strengths,
-                                                plan, final)
+                                                final)
             decision = [plan, None if self.controller is None
                         else self.controller.scale, lands]
         broadcast_object_list(decision)
@@ -191,7 +192,7 @@ class AtomShrinkHook(Hook):
             self.controller.scale = scale
         return plan, removed_cost(model, plan, self.cost), lands
 
-    def _budget_plan(self, runner, model, strengths, plan, final):
+    def _budget_plan(self, runner, model, strengths, final):
         """Steer the penalty from the live cost; cap the plan at the target
         (at the deadline and at the end: remove the weakest atoms down to
         it). Returns the plan and whether it leaves the net on the target."""
