@@ -379,6 +379,12 @@ class SafeCheckpointHook(CheckpointHook):
       interrupted are done when the run resumes, with the temporary files
       a kill left.
 
+    * with ``exact_resume=True`` (default) every checkpoint records the
+      position within its epoch and the random states, and a resume
+      continues at the next batch with the same random draws as the
+      uninterrupted run (:mod:`atomnas_mm.engine.resume`); each sample is
+      then loaded with its RNGs seeded from ``(seed, epoch, index)``.
+
     With ``backend_args`` for another storage backend or ``out_dir`` a URL,
     the writes go through that backend (object stores replace whole files)
     and only the order of writes and removals changes.
@@ -386,7 +392,30 @@ class SafeCheckpointHook(CheckpointHook):
 
     PENDING_KEY = 'atomnas_stale_checkpoints'
 
+    def __init__(self, *args, exact_resume=True, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not isinstance(exact_resume, bool):
+            raise ValueError(
+                f'exact_resume: must be a bool, got {exact_resume!r}')
+        from .engine.resume import ExactResume
+        self.exact = ExactResume() if exact_resume else None
+
+    def before_save_checkpoint(self, runner, checkpoint):
+        if self.exact is not None:
+            self.exact.before_save_checkpoint(runner, checkpoint)
+
+    def after_load_checkpoint(self, runner, checkpoint):
+        if self.exact is not None:
+            self.exact.after_load_checkpoint(runner, checkpoint)
+
+    def after_train_epoch(self, runner):
+        super().after_train_epoch(runner)
+        if self.exact is not None:
+            self.exact.after_train_epoch(runner)
+
     def before_train(self, runner):
+        if self.exact is not None:
+            self.exact.before_train(runner)
         local = self.out_dir is None or '://' not in str(self.out_dir)
         self.atomic = (local and self.file_client_args is None
                        and self.backend_args in (None, dict(backend='local')))
