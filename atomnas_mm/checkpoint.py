@@ -469,6 +469,8 @@ class SafeCheckpointHook(CheckpointHook):
         filename = self.filename_tmpl.format(step)
         self.last_ckpt = self.file_backend.join_path(self.out_dir, filename)
         runner.message_hub.update_info('last_ckpt', self.last_ckpt)
+        if self.exact is not None:
+            self.exact.gather()
         runner.save_checkpoint(
             self.out_dir, filename, self.file_client_args,
             save_optimizer=self.save_optimizer,
@@ -483,6 +485,8 @@ class SafeCheckpointHook(CheckpointHook):
     def _save_best_checkpoint(self, runner, metrics):
         backend = self.file_backend
         self.file_backend = _DeferRemoval(backend, self._pending)
+        if self.exact is not None:
+            self.exact.gather()
         try:
             super()._save_best_checkpoint(runner, metrics)
         finally:

@@ -160,6 +160,7 @@ class ExactResume:
         self.done = 0        # batches of the current epoch trained
         self.offset = 0      # batch index of the first batch of this epoch
         self.pending = None  # what a loaded checkpoint asks for
+        self.states = None   # every rank's random state, gathered
         self.batches = None
 
     # -- before_train ----------------------------------------------------
@@ -234,9 +235,19 @@ class ExactResume:
         self.offset = self.done = 0
 
     # -- checkpoints -----------------------------------------------------
+    def gather(self):
+        """Collect the random state of every rank for the next checkpoint.
+
+        Every rank must call this (mmengine saves on rank 0 only, so the
+        collective cannot run in ``before_save_checkpoint``).
+        """
+        self.states = all_gather_object(_rng_state())
+
     def before_save_checkpoint(self, runner, checkpoint):
         meta = checkpoint.setdefault('meta', {})
-        states = all_gather_object(_rng_state())
+        states, self.states = self.states, None
+        if states is None:  # a save nobody gathered for
+            states = [_rng_state()] if get_world_size() == 1 else []
         loop = runner.train_loop
         # mmengine stores the epoch in progress for a checkpoint taken
         # within an epoch and the next one at an epoch's end.
