@@ -27,36 +27,12 @@ from mmcv.cnn import ConvModule
 from mmengine.model import BaseModule
 from torch.nn.modules import module as _nn_module
 
+from .surgery import REMOVED, slice_conv_module
+
 
 def dw_key(kernel_size):
     """Name of the depthwise branch of a kernel size (stable across shrinks)."""
     return f'k{kernel_size}'
-
-
-class ParamChange(NamedTuple):
-    """What became of a parameter in a surgery: ``new`` is
-    ``old.index_select(dim, index)``, or None when it was removed."""
-
-    new: Optional[nn.Parameter]
-    dim: Optional[int] = None
-    index: Optional[torch.Tensor] = None
-
-
-REMOVED = ParamChange(None)
-
-
-def index_select_like(tensor, dim, index):
-    """``tensor.index_select(dim, index)`` keeping its memory format."""
-    out = tensor.index_select(dim, index.to(tensor.device))
-    if tensor.dim() == 4:
-        # Exact strides (DDP buckets compare them): is_contiguous() accepts
-        # both layouts for 1x1 and depthwise weights.
-        n, c, h, w = tensor.shape
-        if tensor.stride() == (h * w * c, 1, w * c, c) != (c * h * w, h * w,
-                                                          w, 1):
-            out = torch.empty(out.shape, dtype=out.dtype, device=out.device,
-                              memory_format=torch.channels_last).copy_(out)
-    return out
 
 
 class AtomicBlock(BaseModule):
@@ -262,21 +238,21 @@ class AtomicBlock(BaseModule):
 
         keep = keep.to(self.atom_cost.device)
         if self.expand is not None:
-            _slice_conv_module(self.expand, keep, remap, dim=0)
+            slice_conv_module(self.expand, keep, remap, dim=0)
         offset = 0
         for k, h in self.atom_groups():
             local = keep[(keep >= offset) & (keep < offset + h)] - offset
             if len(local):
-                _slice_conv_module(self.dw[dw_key(k)], local, remap, dim=0)
+                slice_conv_module(self.dw[dw_key(k)], local, remap, dim=0)
             else:
                 for p in self.dw[dw_key(k)].parameters():
                     remap[p] = REMOVED
                 del self.dw[dw_key(k)]
             offset += h
         if self.se is not None:
-            _slice_conv_module(self.se.conv1, keep, remap, dim=1)
-            _slice_conv_module(self.se.conv2, keep, remap, dim=0)
-        _slice_conv_module(self.project, keep, remap, dim=1)
+            slice_conv_module(self.se.conv1, keep, remap, dim=1)
+            slice_conv_module(self.se.conv2, keep, remap, dim=0)
+        slice_conv_module(self.project, keep, remap, dim=1)
         if fold and removed.any():
             self.project.norm.running_mean -= project_shift.to(
                 self.project.norm.running_mean)
@@ -847,41 +823,6 @@ def _uses_onednn(x, step):
         return False
     return step.groups > 1 or (kh > 3 and kw > 3) or batch > 1 \
         or x.numel() > 20480
-
-
-def _slice_param(module, name, dim, index, remap):
-    old = module._parameters[name]
-    new = nn.Parameter(index_select_like(old.detach(), dim, index),
-                       requires_grad=old.requires_grad)
-    module._parameters[name] = new
-    remap[old] = ParamChange(new, dim, index)
-
-
-def _slice_norm(norm, index, remap):
-    for name in ('weight', 'bias'):
-        if norm._parameters.get(name) is not None:
-            _slice_param(norm, name, 0, index, remap)
-    for name in ('running_mean', 'running_var'):
-        if norm._buffers.get(name) is not None:
-            norm._buffers[name] = norm._buffers[name].index_select(0, index)
-    norm.num_features = len(index)
-
-
-def _slice_conv_module(cm, index, remap, dim):
-    """Slice a ConvModule on its output (dim 0, with its norm) or input (1)."""
-    conv = cm.conv
-    _slice_param(conv, 'weight', dim, index, remap)
-    if dim == 0:
-        if conv.bias is not None:
-            _slice_param(conv, 'bias', 0, index, remap)
-        if conv.groups > 1:  # depthwise
-            conv.in_channels = conv.groups = len(index)
-            cm.in_channels = len(index)
-        conv.out_channels = cm.out_channels = len(index)
-        if cm.with_norm:
-            _slice_norm(cm.norm, index, remap)
-    else:
-        conv.in_channels = cm.in_channels = len(index)
 
 
 class DeployedAtomicBlock(nn.Module):

@@ -9,13 +9,16 @@ import torch
 import torch.nn as nn
 
 
-def count_flops_params(model, input_shape=(1, 3, 224, 224)):
+def count_flops_params(model, input_shape=(1, 3, 224, 224), sizes=None):
     """Count FLOPs (multiply-adds) and params in the AtomNAS convention.
 
     Args:
         model (nn.Module): A backbone or an mmpretrain classifier (called
             with ``mode='tensor'``).
         input_shape (tuple): Input tensor shape (batch 1 for the convention).
+        sizes (dict, optional): Filled with ``{module: output positions}``
+            (``H*W`` of a conv, rows of a linear) of every Conv2d and Linear
+            that ran.
 
     Returns:
         tuple[int, int]: FLOPs and params.
@@ -23,10 +26,14 @@ def count_flops_params(model, input_shape=(1, 3, 224, 224)):
     flops = [0]
 
     def conv_hook(m, inputs, out):
+        if sizes is not None:
+            sizes[m] = out.numel() // out.shape[1]
         flops[0] += (m.in_channels // m.groups) * m.kernel_size[0] * \
             m.kernel_size[1] * out.numel()
 
     def linear_hook(m, inputs, out):
+        if sizes is not None:
+            sizes[m] = out.numel() // out.shape[-1]
         flops[0] += m.in_features * out.numel()
 
     def pool_hook(m, inputs, out):

@@ -183,9 +183,8 @@ def shrink_optimizer(optimizer, model, remap):
 
 
 def _slice_like(value, old, change):
-    from ..models.blocks import index_select_like
     if torch.is_tensor(value) and value.shape == old.shape:
-        return index_select_like(value, change.dim, change.index)
+        return change.apply(value)
     return value
 
 
