@@ -383,7 +383,7 @@ def run_latency(args, tmp):
     from atomnas_mm.search.budget import BudgetController
     from atomnas_mm.search.costs import LatencyCost
     from atomnas_mm.search.latency import measure_ms
-    from atomnas_mm.search.shrink import atom_costs
+    from atomnas_mm.search.shrink import width_cost_of
     tool = osp.join(ROOT, 'tools/analysis_tools/atom_latency_table.py')
     table = args.latency_table or osp.join(tmp, 'latency_cpu.json')
     if osp.isfile(table):
@@ -398,10 +398,7 @@ def run_latency(args, tmp):
                     '--predict'], check=True)
     cost = LatencyCost(table)
     supernet = AtomNAS(arch=supernet_arch())
-    low, high = BudgetController(
-        dict(latency_ms=1.0), latency_table=table).reachable(
-            cost.total(supernet), atom_costs(supernet, cost),
-            dict(supernet.named_modules()))
+    low, high = BudgetController.reachable(width_cost_of(supernet, cost))
     target = args.latency_fraction * high
     print(f'predicted supernet {high:.3f} ms; reachable by the search '
           f'[{low:.3f}, {high:.3f}] ms (table)')

@@ -100,24 +100,31 @@ def test_by_epoch_shrink_in_an_iteration_loop(tmp_path):
                            r'loop, got IterBasedTrainLoop', tmp_path)
 
 
-def resnet_cfg(tmp_path):
-    """The tiny search config with a ResNet-18 backbone instead."""
+def stock_cfg(tmp_path, backbone, channels):
+    """The tiny search config with a stock mmpretrain backbone instead."""
     cfg = make_cfg(str(tmp_path))
-    cfg['model']['backbone'] = dict(type='ResNet', depth=18)
-    cfg['model']['head']['in_channels'] = 512
+    cfg['model']['backbone'] = backbone
+    cfg['model']['head']['in_channels'] = channels
     return cfg
 
 
-def test_penalty_without_an_atomnas_backbone(tmp_path):
-    cfg = resnet_cfg(tmp_path)
+def test_penalty_on_a_model_without_units_names_what_it_refused(tmp_path):
+    """ResNeXt's grouped convs couple its channels: nothing to search, and
+    the error names the blocks and why."""
+    cfg = stock_cfg(tmp_path, dict(type='ResNeXt', depth=50), 2048)
     cfg['custom_hooks'] = [dict(type='atomnas_mm.BNL1PenaltyHook', rho=1e-4)]
-    _fails_before_training(cfg, r'no searchable AtomNAS block, the penalty '
-                           r'would be 0', tmp_path)
+    _fails_before_training(
+        cfg, r'BNL1PenaltyHook: the model has no searchable channel unit:\n'
+        r'  backbone.layer1.0: grouped conv \(ResNeXt\) couples its channel groups',
+        tmp_path)
 
 
-def test_shrink_without_an_atomnas_backbone(tmp_path):
-    _fails_before_training(resnet_cfg(tmp_path),
-                           r'the model has no AtomNAS backbone', tmp_path)
+def test_shrink_on_a_frozen_model_names_what_it_refused(tmp_path):
+    cfg = stock_cfg(tmp_path, dict(type='ResNet', depth=18, frozen_stages=4),
+                    512)
+    _fails_before_training(
+        cfg, r'AtomShrinkHook: the model has no searchable channel unit:\n'
+        r'  backbone.layer1.0.bn1: frozen \(requires_grad=False\)', tmp_path)
 
 
 def test_a_failing_shrink_leaves_everything_as_it_was():

@@ -12,8 +12,8 @@ from mmengine.hooks import EMAHook, Hook
 from atomnas_mm.models import AtomNAS
 from atomnas_mm.search.budget import BudgetController
 from atomnas_mm.search.costs import LatencyCost
-from atomnas_mm.search.shrink import (apply_plan, block_costs, removed_cost,
-                                      searchable_blocks)
+from atomnas_mm.search.shrink import (apply_plan, removed_cost,
+                                      searchable_blocks, width_cost_of)
 from atomnas_mm.search.latency import measure_table, random_subnet
 from harness import SUPERNET, budget_cfg, build, shrink_hook
 
@@ -127,8 +127,8 @@ def test_cap_costs_latency_removals_exactly():
                  for name, block in searchable_blocks(net).items()}
     candidates = {name: torch.ones_like(s, dtype=torch.bool)
                   for name, s in strengths.items()}
-    plan, after = controller.cap(total, strengths, block_costs(net, cost),
-                                 dict(net.named_modules()), candidates)
+    plan, after = controller.cap(width_cost_of(net, cost), strengths,
+                                 candidates)
     removed = removed_cost(net, plan, cost)  # the slopes' estimate
     apply_plan(net, plan)
     assert cost.total(net) == pytest.approx(after, rel=1e-9)

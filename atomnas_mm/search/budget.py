@@ -1,16 +1,16 @@
-"""Budget control: reach a FLOPs / params target by a deadline, then hold it.
+"""Budget control: reach a FLOPs / params / latency target by a deadline, then hold it.
 
 :class:`BudgetController` is a policy part of :class:`AtomShrinkHook`
 (``target=dict(flops=300e6)``). At every check it measures the *live cost*
-(the backbone's cost without the atoms that are dead now) and steers the
+(the model's cost without the channels that are dead now) and steers the
 penalty strength multiplicatively towards a linear path from the initial
 cost to the target at the deadline. It caps every shrink: only the weakest
-dead atoms go, down to the target, never below. At the first check at or
-after the deadline a net still above the target loses its weakest atoms
+dead channels go, down to the target, never below. At the first check at or
+after the deadline a net still above the target loses its weakest channels
 (live ones too) down to it. Once a shrink leaves the net within the
 tolerance the controller has *landed*: the penalty is off (factor 0) and the
 rest of training fine-tunes the net at its final size; the remaining dead
-atoms may regrow.
+channels may regrow.
 """
 import math
 
@@ -70,26 +70,27 @@ class BudgetController:
         self.landed = False
 
     # -- range ------------------------------------------------------------------
-    def reachable(self, total, atom_costs, blocks):
-        """``(smallest, largest)`` cost this backbone can reach."""
-        removable = 0.0
-        for name, costs in atom_costs.items():
-            removable += costs.sum().item()
-            if not blocks[name].use_res:  # keeps its cheapest atom
-                removable -= costs.min().item()
-        return total - removable, total
+    @staticmethod
+    def reachable(widths):
+        """``(smallest, largest)`` cost the model can reach.
 
-    def start(self, total, atom_costs, blocks):
-        """Check the target against the backbone (fresh run); raise a
+        Args:
+            widths (WidthCost): The model's cost by unit widths
+                (:func:`~atomnas_mm.search.shrink.width_cost_of`).
+        """
+        return widths.smallest(), widths.total
+
+    def start(self, widths):
+        """Check the target against the model (fresh run); raise a
         ValueError naming the value and the reachable range."""
-        low, high = self.reachable(total, atom_costs, blocks)
+        low, high = self.reachable(widths)
         if not low <= self.target <= high:
             raise ValueError(
                 f'target: {self.key}={self.target:.6g} is outside the '
-                f'reachable range [{low:.6g}, {high:.6g}] of this supernet '
-                f'(smallest net: every residual block emptied, one atom '
-                f'left in the others)')
-        self.initial_cost = total
+                f'reachable range [{low:.6g}, {high:.6g}] of this model '
+                f'(smallest net: every unit at its minimum width: residual '
+                f'AtomNAS blocks emptied, one channel left in the others)')
+        self.initial_cost = widths.total
 
     # -- control ----------------------------------------------------------------
     def path(self, progress):
@@ -121,59 +122,52 @@ class BudgetController:
         """Whether a net of ``cost`` is within the tolerance of the target."""
         return cost <= self.target * (1 + self.tolerance)
 
-    def cap(self, total, strengths, block_costs, blocks, candidates):
-        """The atoms to remove: the weakest of ``candidates`` (per block a
+    def cap(self, widths, strengths, candidates):
+        """The channels to remove: the weakest of ``candidates`` (per unit a
         bool mask), while the net stays at or above the target.
 
-        Every removal is costed exactly with the block's cost function (a
-        latency block is not the sum of its atoms).
+        Every removal is costed exactly at the widths reached so far (a
+        latency block is not the sum of its atoms, a conv between two units
+        costs their product).
 
         Args:
-            total (float): The backbone's cost now.
-            strengths (dict[str, Tensor]): Per block, per-atom strengths.
-            block_costs (dict[str, callable]): Per block, ``groups -> cost``
-                (:func:`~atomnas_mm.search.shrink.block_costs`).
-            blocks (dict[str, AtomicBlock]): The blocks by name.
-            candidates (dict[str, Tensor]): Per block, removable atoms.
+            widths (WidthCost): The model's cost by unit widths (consumed:
+                it ends in the planned state).
+            strengths (dict[str, Tensor]): Per unit, per-channel strengths.
+            candidates (dict[str, Tensor]): Per unit, removable channels.
 
         Returns:
-            tuple[dict[str, Tensor], float]: A plan ``{block: kept atom
-            indices}`` and the backbone's cost after it.
+            tuple[dict[str, Tensor], float]: A plan ``{unit: kept channel
+            indices}`` and the model's cost after it.
         """
         order = []
         for name, mask in candidates.items():
-            for atom in torch.nonzero(mask).flatten().tolist():
-                order.append((float(strengths[name][atom]), len(order),
-                              name, atom))
+            for channel in torch.nonzero(mask).flatten().tolist():
+                order.append((float(strengths[name][channel]), len(order),
+                              name, channel))
         order.sort()
-        kernel_of, widths, cost_now, removed = {}, {}, {}, {}
+        group_of, removed = {}, {}
         for name in candidates:
-            groups = blocks[name].atom_groups()
-            kernel_of[name] = [k for k, h in groups for _ in range(h)]
-            widths[name] = dict(groups)
-            cost_now[name] = block_costs[name](groups)
+            group_of[name] = [g for g, (_, h) in enumerate(
+                widths.units[name].groups) for _ in range(h)]
             removed[name] = []
-        after = total
-        for _, _, name, atom in order:
-            block = blocks[name]
-            if (len(removed[name]) == block.num_atoms - 1
-                    and not block.use_res):
-                continue  # a block without residual keeps one atom
-            trial = dict(widths[name])
-            trial[kernel_of[name][atom]] -= 1
-            cost = block_costs[name](list(trial.items()))
-            if after - cost_now[name] + cost < self.target:
+        for _, _, name, channel in order:
+            unit = widths.units[name]
+            if unit.num_channels - len(removed[name]) <= unit.min_width:
                 continue
-            after += cost - cost_now[name]
-            widths[name], cost_now[name] = trial, cost
-            removed[name].append(atom)
+            group = group_of[name][channel]
+            if widths.total + widths.removal(name, group) < self.target:
+                continue
+            widths.remove(name, group)
+            removed[name].append(channel)
         plan = {}
-        for name, atoms in removed.items():
-            if atoms:
-                keep = torch.ones(blocks[name].num_atoms, dtype=torch.bool)
-                keep[atoms] = False
+        for name, channels in removed.items():
+            if channels:
+                keep = torch.ones(widths.units[name].num_channels,
+                                  dtype=torch.bool)
+                keep[channels] = False
                 plan[name] = torch.nonzero(keep).flatten()
-        return plan, after
+        return plan, widths.total
 
     # -- checkpoints ------------------------------------------------------------
     def state_dict(self):

@@ -24,6 +24,7 @@ import torch.nn as nn
 
 from ..models.cost import count_flops_params
 from ..registry import SEARCH
+from .units import AtomUnit, SearchRefused
 
 
 def out_size(size, stride):
@@ -71,10 +72,33 @@ class FLOPsCost:
                 + block.out_channels * out + se)))
         return costs
 
+    def input_shape(self, backbone):
+        """``(1, C, input_size, input_size)``, C the input channels of the
+        backbone's first conv (its stem)."""
+        conv = next((m for m in backbone.modules()
+                     if isinstance(m, nn.Conv2d)), None)
+        if conv is None:
+            raise SearchRefused(f'{type(backbone).__name__} has no Conv2d: '
+                                'no FLOPs to count')
+        return (1, conv.in_channels, self.input_size, self.input_size)
+
     def total(self, backbone):
-        flops, _ = count_flops_params(backbone, (
-            1, backbone.in_channels, self.input_size, self.input_size))
+        flops, _ = count_flops_params(backbone, self.input_shape(backbone))
         return float(flops)
+
+    def layer_positions(self, backbone):
+        """``{layer: output positions}`` of every Conv2d and Linear."""
+        sizes = {}
+        count_flops_params(backbone, self.input_shape(backbone), sizes)
+        return sizes
+
+    @staticmethod
+    def layer_cost(layer, c_in, c_out, groups, positions):
+        """Multiply-adds of a conv / linear with these widths."""
+        if isinstance(layer, nn.Linear):
+            return positions * c_in * c_out
+        kh, kw = layer.kernel_size
+        return positions * kh * kw * (c_in // groups) * c_out
 
 
 @SEARCH.register_module()
@@ -100,6 +124,19 @@ class ParamsCost:
         return float(sum(p.numel() for m in backbone.modules()
                          if isinstance(m, (nn.Conv2d, nn.Linear))
                          for p in m.parameters(recurse=False)))
+
+    @staticmethod
+    def layer_positions(backbone):
+        return {}
+
+    @staticmethod
+    def layer_cost(layer, c_in, c_out, groups, positions=None):
+        """Weights and bias of a conv / linear with these widths."""
+        bias = c_out if layer.bias is not None else 0
+        if isinstance(layer, nn.Linear):
+            return c_in * c_out + bias
+        kh, kw = layer.kernel_size
+        return kh * kw * (c_in // groups) * c_out + bias
 
 
 def block_cost_fns(backbone, cost):
@@ -276,3 +313,152 @@ def _interp(x, xs, ys):
             x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
             return y0 + (y1 - y0) * (x - x0) / max(x1 - x0, 1e-12)
     return ys[-1]
+
+
+# -- the cost of a searched model as a function of its unit widths ----------
+class WidthCost:
+    """The cost of the searched part of a model as a function of the widths
+    of its units, exact, for costing removals one channel at a time (the
+    budget's cap).
+
+    The cost is ``fixed + sum(terms)``; a term is a function of the width
+    state ``{unit name: [width per group]}`` that depends on the units it
+    names: an AtomNAS block's cost (its kernel groups), or one conv / linear
+    layer whose input or output channels are a unit's (a layer between two
+    units, e.g. a ResNet bottleneck's conv2, depends on both).
+
+    Args:
+        total (float): The cost now.
+        units (dict): ``{name: unit}``.
+        terms (list[tuple[tuple[str], callable]]): ``(unit names,
+            state -> cost)``.
+    """
+
+    def __init__(self, total, units, terms):
+        self.units = units
+        self.state = {name: list(unit.widths()) for name, unit in
+                      units.items()}
+        self.terms_of = {name: [] for name in units}
+        for names, fn in terms:
+            for name in names:
+                self.terms_of[name].append(fn)
+        now = sum(fn(self.state) for _, fn in terms)
+        self.fixed = total - now
+        self._terms = [fn for _, fn in terms]
+        self.total = total
+
+    def at(self, state):
+        """The cost with the widths ``state``."""
+        full = dict(self.state, **state)
+        return self.fixed + sum(fn(full) for fn in self._terms)
+
+    def removal(self, name, group):
+        """The cost change of removing one channel of ``group`` of unit
+        ``name`` from the current state (<= 0)."""
+        trial = dict(self.state)
+        trial[name] = list(trial[name])
+        trial[name][group] -= 1
+        return sum(fn(trial) - fn(self.state) for fn in self.terms_of[name])
+
+    def remove(self, name, group):
+        """Commit :meth:`removal`; returns the new total."""
+        self.total += self.removal(name, group)
+        self.state[name] = list(self.state[name])
+        self.state[name][group] -= 1
+        return self.total
+
+    def smallest(self):
+        """The cost with every unit at its minimum width, the cheapest
+        channels kept."""
+        state = {}
+        for name, unit in self.units.items():
+            widths = [0] * len(self.state[name])
+            if unit.min_width:
+                per = [-self.removal(name, g) if self.state[name][g] else
+                       float('inf') for g in range(len(widths))]
+                widths[per.index(min(per))] = unit.min_width
+            state[name] = widths
+        return self.at(state)
+
+
+def search_root(model):
+    """The module a budget is counted on: ``model.backbone`` when there is
+    one (classifiers, detectors), else ``model``."""
+    backbone = getattr(model, 'backbone', None)
+    return backbone if isinstance(backbone, nn.Module) else model
+
+
+def width_cost(model, cost, units, total):
+    """:class:`WidthCost` of ``units`` of ``model`` (unwrapped) by ``cost``.
+
+    Args:
+        total (float): The model's cost now (``backbone_cost``).
+
+    Raises:
+        SearchRefused: A latency cost for units that are not AtomNAS atoms
+            (the latency tables are measured per AtomNAS block), or a unit
+            outside the counted module.
+    """
+    terms, fns = [], {}
+    atom_units = {n: u for n, u in units.items() if isinstance(u, AtomUnit)}
+    if atom_units:
+        from .shrink import find_backbones
+        for backbone in find_backbones(model).values():
+            for block, fn in zip(backbone.blocks(),
+                                 block_cost_fns(backbone, cost)):
+                fns[id(block)] = fn
+        for name, unit in atom_units.items():
+            kernels = [k for k, _ in unit.groups]
+            fn = fns[id(unit.block)]
+            terms.append(((name, ), lambda state, name=name, kernels=kernels,
+                           fn=fn: fn(list(zip(kernels, state[name])))))
+    channel_units = {n: u for n, u in units.items() if n not in atom_units}
+    if channel_units:
+        if not hasattr(cost, 'layer_cost'):
+            raise SearchRefused(
+                f'{type(cost).__name__}: costs AtomNAS blocks only; '
+                f'{next(iter(channel_units))} and the other units of this '
+                'model are searched to a flops or params target')
+        root = search_root(model)
+        inside = {id(m) for m in root.modules()}
+        positions = cost.layer_positions(root)
+        layers = {}  # id -> [layer, in unit, out unit, depthwise]
+        for name, unit in channel_units.items():
+            for layer in unit.producers:
+                if isinstance(layer, (nn.Conv2d, nn.Linear)):
+                    entry = layers.setdefault(id(layer),
+                                              [layer, None, None, False])
+                    entry[2] = name
+                    entry[3] = isinstance(layer, nn.Conv2d) and \
+                        layer.groups > 1 and \
+                        layer.groups == layer.in_channels
+            for layer, _ in unit.consumers:
+                layers.setdefault(id(layer), [layer, None, None, False])[1] \
+                    = name
+            for layer in unit.modules():
+                if id(layer) not in inside:
+                    raise SearchRefused(
+                        f'{name}: a layer of this unit is outside the '
+                        f'counted module {type(root).__name__}')
+        for layer, src, dst, depthwise in layers.values():
+            names = tuple(n for n in dict.fromkeys((src, dst)) if n)
+            terms.append((names, _layer_term(cost, layer, src, dst, depthwise,
+                                             positions.get(layer, 0))))
+    return WidthCost(total, units, terms)
+
+
+def _layer_term(cost, layer, src, dst, depthwise, positions):
+    c_in = layer.in_features if isinstance(layer, nn.Linear) else \
+        layer.in_channels
+    c_out = layer.out_features if isinstance(layer, nn.Linear) else \
+        layer.out_channels
+    groups = getattr(layer, 'groups', 1)
+
+    def term(state):
+        w_in = state[src][0] if src else c_in
+        w_out = state[dst][0] if dst else c_out
+        if depthwise:
+            return cost.layer_cost(layer, 1, w_out, 1, positions)
+        return cost.layer_cost(layer, w_in, w_out, groups, positions)
+
+    return term

@@ -1,4 +1,4 @@
-"""Loss terms of the AtomNAS search (docs/method.md, "Penalty").
+"""Loss terms of the channel search (docs/method.md, "Penalty").
 
 Pure functions of a model; the hook that adds them to the loss lives in
 ``atomnas_mm.engine.hooks.penalty_hook``.
@@ -8,75 +8,92 @@ import torch.nn as nn
 from mmengine.model import is_model_wrapper
 from torch.nn.modules.conv import _ConvNd
 
-from ..models.blocks import AtomicBlock
+from .units import AtomUnit, find_units
 
 
 def _unwrap(model):
     return model.module if is_model_wrapper(model) else model
 
 
-def penalised_atoms(model):
-    """Gammas and penalty weights of every searchable block in ``model``.
+def penalised_atoms(model, weights=None):
+    """Gammas and penalty weights of every channel unit of ``model``.
 
     Args:
         model (nn.Module): A model, possibly wrapped (DDP).
+        weights (dict, optional): ``{unit name: float}``, the weight of the
+            channels of units that are not AtomNAS blocks (1 when missing);
+            an AtomNAS block's atoms carry theirs (``atom_cost``).
 
     Returns:
-        tuple[list[Tensor], list[Tensor]]: Per block, the gammas in atom
-        order and the matching ``atom_cost`` buffer.
+        tuple[list[Tensor], list[Tensor]]: Per unit, the gammas in channel
+        order and the matching weights.
     """
-    blocks = [m for m in _unwrap(model).modules()
-              if isinstance(m, AtomicBlock) and m.searchable]
-    return [b.gammas() for b in blocks], [b.atom_cost for b in blocks]
+    gammas, costs = [], []
+    for name, unit in find_units(_unwrap(model)).items():
+        if not unit.num_channels:
+            continue
+        gamma = unit.gammas()
+        gammas.append(gamma)
+        costs.append(_weights(unit, name, weights, gamma))
+    return gammas, costs
 
 
-def bn_l1_penalty(model):
-    """Resource-aware L1 penalty ``sum_atoms p * |gamma|``.
+def _weights(unit, name, weights, like):
+    if isinstance(unit, AtomUnit):
+        return unit.block.atom_cost
+    value = 1.0 if weights is None else weights.get(name, 1.0)
+    return torch.full((unit.num_channels, ), float(value),
+                      device=like.device)
+
+
+def bn_l1_penalty(model, weights=None):
+    """Resource-aware L1 penalty ``sum_channels p * |gamma|``.
 
     Args:
         model (nn.Module): A model, possibly wrapped (DDP).
+        weights (dict, optional): See :func:`penalised_atoms`.
 
     Returns:
-        Tensor: A differentiable scalar; 0 when there is no searchable block.
+        Tensor: A differentiable scalar; 0 when there is no unit.
     """
-    gammas, costs = penalised_atoms(model)
+    gammas, costs = penalised_atoms(model, weights)
     if not gammas:
         return _zero(model)
     gamma = torch.cat(gammas)
-    cost = torch.cat(costs).to(gamma.dtype)
+    cost = torch.cat(costs).to(gamma)
     return torch.dot(cost, gamma.abs())
 
 
 @torch.no_grad()
-def proximal_l1_step(model, optimizer, rho):
+def proximal_l1_step(model, optimizer, rho, weights=None):
     """Apply the penalty as its proximal operator after an optimizer step.
 
-    Every atom's gamma becomes ``sign(gamma) * max(|gamma| - lr * rho * p,
-    0)``, with ``lr`` the learning rate of its parameter group: the step of
-    ISTA for ``rho * sum p * |gamma|``. Unlike the loss term's subgradient
-    (which makes gammas oscillate around 0 with an amplitude of about
-    ``lr * rho * p``), it sets gammas exactly to 0, so atoms die when the
-    strength asks for it. Gammas the optimizer does not hold are left alone.
+    Every channel's gamma becomes ``sign(gamma) * max(|gamma| - lr * rho *
+    p, 0)``, with ``lr`` the learning rate of its parameter group: the step
+    of ISTA for ``rho * sum p * |gamma|``. Unlike the loss term's
+    subgradient (which makes gammas oscillate around 0 with an amplitude of
+    about ``lr * rho * p``), it sets gammas exactly to 0, so channels die
+    when the strength asks for it. Gammas the optimizer does not hold are
+    left alone.
 
     Args:
         model (nn.Module): A model, possibly wrapped (DDP).
         optimizer (torch.optim.Optimizer): The optimizer that just stepped.
         rho (float): The penalty strength.
+        weights (dict, optional): See :func:`penalised_atoms`.
     """
     lrs = {p: group['lr'] for group in optimizer.param_groups
            for p in group['params']}
-    for block in _unwrap(model).modules():
-        if not (isinstance(block, AtomicBlock) and block.searchable):
+    for name, unit in find_units(_unwrap(model)).items():
+        if not unit.num_channels:
             continue
-        start = 0
-        for module in block.dw.values():
-            gamma = module.norm.weight
-            weight = block.atom_cost[start:start + gamma.numel()]
-            start += gamma.numel()
+        unit_weights = _weights(unit, name, weights, unit.gammas())
+        for gamma, start in unit.gamma_slices():
             lr = lrs.get(gamma)
             if lr is None:
                 continue
-            shrunk = gamma.abs() - (lr * rho) * weight.to(gamma.dtype)
+            weight = unit_weights[start:start + gamma.numel()]
+            shrunk = gamma.abs() - (lr * rho) * weight.to(gamma)
             gamma.copy_(gamma.sign() * shrunk.clamp_(min=0))
 
 

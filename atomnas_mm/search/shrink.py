@@ -13,8 +13,10 @@ import torch
 
 from ..models.backbones.atomnas import AtomNAS
 from ..models.blocks import AtomicBlock
-from .costs import block_cost_fns
+from ..models.surgery import compose
+from .costs import search_root, width_cost
 from .policy import ThresholdCriterion
+from .units import find_units, unit_widths
 
 
 def find_backbones(model):
@@ -35,38 +37,52 @@ def _criterion(criterion):
     return criterion
 
 
-def atom_strengths(model, criterion=1e-3, ema_model=None, final=False):
-    """``{block_name: per-atom strength}`` of every searchable block."""
+def _units(model, units):
+    return find_units(model) if units is None else units
+
+
+def atom_strengths(model, criterion=1e-3, ema_model=None, final=False,
+                   units=None):
+    """``{unit name: per-channel strength}`` of every unit (an AtomNAS
+    block's channels are its atoms)."""
     criterion = _criterion(criterion)
     if final and ema_model is None:
         raise ValueError('final=True (EMA alone decides) needs ema_model')
-    ema_blocks = searchable_blocks(ema_model) if ema_model is not None else {}
+    ema_units = find_units(ema_model, frozen=True) \
+        if ema_model is not None else {}
     out = {}
-    for name, block in searchable_blocks(model).items():
-        live = block.gammas().detach().abs()
-        ema = ema_blocks[name].gammas().detach().abs().to(live.device) \
-            if name in ema_blocks else None
+    for name, unit in _units(model, units).items():
+        if not unit.num_channels:
+            continue
+        live = unit.gammas().detach().abs()
+        ema = ema_units[name].gammas().detach().abs().to(live.device) \
+            if name in ema_units else None
         out[name] = criterion.strength(live, ema, final and ema is not None)
     return out
 
 
-def plan_from_strengths(model, strengths, criterion=1e-3):
-    """Kept atoms of every block losing some; a block without residual keeps
-    at least its strongest atom."""
+def plan_from_strengths(model, strengths, criterion=1e-3, units=None):
+    """Kept channels of every unit losing some; a unit keeps at least its
+    ``min_width`` strongest channels (an AtomNAS block without residual:
+    one atom)."""
     criterion = _criterion(criterion)
-    blocks = dict(model.named_modules())
+    units = _units(model, units)
     plan = {}
     for name, strength in strengths.items():
         dead = criterion.dead(strength)
-        if dead.all() and not blocks[name].use_res:
-            dead[strength.argmax()] = False
+        alive = int((~dead).sum())
+        need = units[name].min_width - alive
+        if need > 0:
+            weakest_first = torch.argsort(strength.masked_fill(~dead,
+                                                               -math.inf))
+            dead[weakest_first[-need:]] = False
         if dead.any():
             plan[name] = torch.nonzero(~dead).flatten().cpu()
     return plan
 
 
 def plan_shrink(model, criterion=1e-3, ema_model=None, ema_only=False):
-    """Decide which atoms survive.
+    """Decide which channels survive.
 
     Args:
         model (nn.Module): Live model (unwrapped).
@@ -76,38 +92,52 @@ def plan_shrink(model, criterion=1e-3, ema_model=None, ema_only=False):
         ema_only (bool): Decide on the EMA weights alone (final shrink).
 
     Returns:
-        dict[str, Tensor]: Kept atom indices, only for blocks that lose atoms.
+        dict[str, Tensor]: Kept channel indices, only for units that lose
+        some.
     """
-    strengths = atom_strengths(model, criterion, ema_model, ema_only)
-    return plan_from_strengths(model, strengths, criterion)
+    units = find_units(model)
+    strengths = atom_strengths(model, criterion, ema_model, ema_only, units)
+    return plan_from_strengths(model, strengths, criterion, units)
 
 
-def atom_costs(model, cost):
-    """``{block_name: per-atom cost}`` of every searchable block."""
+def backbone_cost(model, cost):
+    """The ``cost`` of what a budget counts in ``model``: its AtomNAS
+    backbones, else its ``backbone`` (else the model itself)."""
+    backbones = find_backbones(model)
+    if backbones:
+        return sum(cost.total(m) for m in backbones.values())
+    return cost.total(search_root(model))
+
+
+def width_cost_of(model, cost, units=None):
+    """:class:`~atomnas_mm.search.costs.WidthCost` of ``model``'s units."""
+    return width_cost(model, cost, _units(model, units),
+                      backbone_cost(model, cost))
+
+
+def atom_costs(model, cost, units=None):
+    """``{unit name: per-channel cost}`` of every unit: an AtomNAS atom's
+    cost by the cost model, another unit's marginal cost of one channel
+    at the current widths."""
+    units = _units(model, units)
     names = {id(m): name for name, m in model.named_modules()}
     out = {}
     for backbone in find_backbones(model).values():
         for block, c in zip(backbone.blocks(), cost.atom_costs(backbone)):
-            if c is not None:
+            if c is not None and names[id(block)] in units:
                 out[names[id(block)]] = c
-    return out
-
-
-def block_costs(model, cost):
-    """``{block_name: groups -> cost}`` of every searchable block
-    (:func:`~atomnas_mm.search.costs.block_cost_fns`)."""
-    names = {id(m): name for name, m in model.named_modules()}
-    out = {}
-    for backbone in find_backbones(model).values():
-        for block, fn in zip(backbone.blocks(),
-                             block_cost_fns(backbone, cost)):
-            if fn is not None:
-                out[names[id(block)]] = fn
+    others = {n: u for n, u in units.items() if n not in out}
+    if others:
+        evaluator = width_cost_of(model, cost, others)
+        for name, unit in others.items():
+            out[name] = torch.full((unit.num_channels, ),
+                                   -float(evaluator.removal(name, 0)))
     return out
 
 
 def removed_cost(model, plan, cost):
-    """What the atoms that ``plan`` removes cost, by the ``cost`` model."""
+    """What the channels that ``plan`` removes cost, by the ``cost`` model
+    (the sum of :func:`atom_costs`)."""
     costs = atom_costs(model, cost)
     total = 0.0
     for name, keep in plan.items():
@@ -117,29 +147,31 @@ def removed_cost(model, plan, cost):
     return total
 
 
-def check_plan(model, plan):
-    """Raise unless every entry of ``plan`` is valid for ``model``."""
-    blocks = dict(model.named_modules())
+def check_plan(model, plan, units=None):
+    """Raise unless every entry of ``plan`` is valid for ``model``; returns
+    the units (frozen ones included: an EMA copy follows the live model)."""
+    units = find_units(model, frozen=True) if units is None else units
     for name, keep in plan.items():
-        if not isinstance(blocks.get(name), AtomicBlock):
-            raise KeyError(f'plan: {name!r} is not an AtomicBlock of the model')
-        blocks[name].check_keep(keep)
-    return blocks
+        if name not in units:
+            raise KeyError(f'plan: {name!r} is not a channel unit of the '
+                           'model')
+        units[name].check_keep(keep)
+    return units
 
 
 def apply_plan(model, plan, fold=True):
-    """Shrink every block of ``model`` named in ``plan``, in place.
+    """Shrink every unit of ``model`` named in ``plan``, in place.
 
     The whole plan is validated first: on error nothing has changed.
 
     Returns:
         dict[Parameter, ParamChange]: The parameter remapping.
     """
-    blocks = check_plan(model, plan)
+    units = check_plan(model, plan)
     remap = {}
     for name, keep in plan.items():
-        remap.update(blocks[name].remove_atoms(keep, fold=fold))
-    return remap
+        remap.update(units[name].remove(keep, fold=fold))
+    return compose(remap)
 
 
 def check_optimizer(optimizer, model):
@@ -214,37 +246,41 @@ def reshape_to_arch(model, archs):
 
 
 def shrink_model(model, threshold=1e-3, fold=True):
-    """Remove dead atoms from every AtomNAS backbone in ``model``, in place.
+    """Remove dead channels from every unit of ``model``, in place.
 
-    The public entry point without a Runner: atoms with ``|gamma| <=
-    threshold`` go (a block without residual keeps its strongest atom).
-    Without SE, eval outputs do not change; with SE they may, and a
-    ``UserWarning`` gives the bound (:meth:`AtomicBlock.removal_error_bound`).
+    The public entry point without a Runner: channels with ``|gamma| <=
+    threshold`` go (a unit keeps its ``min_width`` strongest). Eval outputs
+    do not change where the fold is exact (AtomNAS blocks without SE, 1x1
+    consumers); elsewhere a ``UserWarning`` gives the bound
+    (``error_bound`` of the units).
 
     Args:
-        model (nn.Module): Any model holding AtomNAS backbones.
-        threshold (float): Dead-atom threshold on ``|gamma|``.
+        model (nn.Module): Any model with channel units.
+        threshold (float): Dead-channel threshold on ``|gamma|``.
         fold (bool): Fold removed constants so eval outputs do not change.
 
     Returns:
-        dict: ``removed`` (atoms per block name), ``removed_atoms`` (total),
-        ``error_bound`` (max eval-output change bound, 0 when exact) and
-        ``archs`` (``{path: arch dict}``).
+        dict: ``removed`` (channels per unit name), ``removed_atoms``
+        (total), ``error_bound`` (max eval-output change bound, 0 when
+        exact), ``archs`` (``{path: arch dict}`` of AtomNAS backbones) and
+        ``widths`` (``{unit name: [width per group]}``).
     """
     criterion = ThresholdCriterion(threshold)
     plan = plan_shrink(model, criterion)
-    blocks = check_plan(model, plan)
-    removed = {name: blocks[name].num_atoms - len(keep)
+    units = check_plan(model, plan)
+    removed = {name: units[name].num_channels - len(keep)
                for name, keep in plan.items()}
-    bound = max([blocks[name].removal_error_bound(keep)
+    bound = max([units[name].error_bound(keep)
                  for name, keep in plan.items()] + [0.0]) if fold else math.inf
     if fold and bound > 1e-6:
         warnings.warn(
-            f'shrink_model: SE blocks lost atoms whose constant output passes '
-            f'the input-dependent SE gate; eval outputs of the projections may '
-            f'change by up to {bound:.3g} (docs/method.md, "Shrinking")')
+            f'shrink_model: removed channels whose constant output is not '
+            f'folded exactly (SE gates, padded convs); eval outputs of their '
+            f'consumers may change by up to {bound:.3g} (docs/method.md, '
+            '"Shrinking")')
     apply_plan(model, plan, fold=fold)
     return dict(removed=removed, removed_atoms=sum(removed.values()),
                 error_bound=bound,
                 archs={path: m.arch_dict()
-                       for path, m in find_backbones(model).items()})
+                       for path, m in find_backbones(model).items()},
+                widths=unit_widths(find_units(model)))

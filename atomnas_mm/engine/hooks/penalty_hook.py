@@ -5,10 +5,11 @@ from mmengine.model import is_model_wrapper
 from mmengine.optim import OptimWrapper, OptimWrapperDict
 
 from ...registry import HOOKS
-from ...search.costs import set_penalty_weights
-from ...search.penalty import (bn_l1_penalty, penalised_atoms,
-                               proximal_l1_step, weight_decay_loss)
-from ...search.shrink import find_backbones
+from ...search.costs import FLOPsCost, set_penalty_weights
+from ...search.penalty import (bn_l1_penalty, proximal_l1_step,
+                               weight_decay_loss)
+from ...search.shrink import atom_costs, find_backbones
+from ...search.units import AtomUnit, require_units
 from ...search.policy import LinearRampSchedule, build_part, check_number
 
 
@@ -42,11 +43,13 @@ class BNL1PenaltyHook(Hook):
             optimizer can keep ``weight_decay=0``).
         schedule (dict, optional): A penalty-schedule part replacing the
             ramp (``rho``/``warmup_*`` must then be left unset).
-        cost (dict, optional): A cost model whose per-atom costs (over their
-            mean) become the penalty weights at the start of a fresh run,
-            e.g. ``dict(type='LatencyCost', table='latency.json')``. By
+        cost (dict, optional): A cost model whose per-channel costs (over
+            their mean) become the penalty weights at the start of a fresh
+            run, e.g. ``dict(type='LatencyCost', table='latency.json')``. By
             default the weights are FLOPs at 224 px, or the cost model of an
-            AtomShrinkHook target when there is one.
+            AtomShrinkHook target when there is one. The channels of a unit
+            that is not an AtomNAS block share one weight (one channel's
+            cost at the start of the run).
         proximal (bool, optional): Apply the penalty as a soft-threshold
             step on the gammas after every optimizer step (``gamma <-
             sign(gamma) * max(|gamma| - lr * rho(t) * p, 0)``; skipped with
@@ -83,6 +86,7 @@ class BNL1PenaltyHook(Hook):
         self._proximal = bool(proximal)
         self._wrapped = None
         self._step_hook = None
+        self.unit_weights = None
 
     def before_train(self, runner):
         optim_wrapper = runner.optim_wrapper
@@ -102,9 +106,8 @@ class BNL1PenaltyHook(Hook):
                 'atomnas_mm.AtomShrinkHook to custom_hooks (it makes the '
                 'optimizer and EMA follow) or build the backbone with the '
                 "checkpoint's arch (meta['atomnas_arch'], arch.json)")
-        if self.rho != 0 and not penalised_atoms(runner.model)[0]:
-            raise ValueError('BNL1PenaltyHook: the model has no searchable '
-                             'AtomNAS block, the penalty would be 0')
+        units = require_units(model, where='BNL1PenaltyHook')[0] \
+            if self.rho != 0 else {}
         controller = self._controller(runner)
         self._proximal = controller is not None if self.proximal is None \
             else self.proximal
@@ -112,6 +115,10 @@ class BNL1PenaltyHook(Hook):
         if cost is not None and runner.iter == 0:  # resumed: weights loaded
             for backbone in find_backbones(model).values():
                 set_penalty_weights(backbone, cost)
+        if self.unit_weights is None and any(
+                not isinstance(u, AtomUnit) for u in units.values()):
+            self.unit_weights = self.channel_weights(
+                model, units, cost or FLOPsCost())
         own = vars(optim_wrapper).get('update_params')
         original = optim_wrapper.update_params
 
@@ -132,10 +139,32 @@ class BNL1PenaltyHook(Hook):
                 if stepped[0] != runner.iter:
                     stepped[0] = runner.iter
                     proximal_l1_step(runner.model, optimizer,
-                                     self.schedule_of(runner)(runner.iter))
+                                     self.schedule_of(runner)(runner.iter),
+                                     self.unit_weights)
 
             self._step_hook = optim_wrapper.optimizer.register_step_post_hook(
                 after_step)
+
+    @staticmethod
+    def channel_weights(model, units, cost):
+        """``{unit name: weight}`` of the units that are not AtomNAS atoms:
+        the cost of one of its channels at the current widths over the mean
+        of those costs (fixed for the run: stored in checkpoints)."""
+        costs = atom_costs(model, cost, {
+            name: unit for name, unit in units.items()
+            if not isinstance(unit, AtomUnit)})
+        mean = torch.cat(list(costs.values())).mean().item() or 1.0
+        return {name: c[0].item() / mean for name, c in costs.items()}
+
+    def before_save_checkpoint(self, runner, checkpoint):
+        if self.unit_weights is not None:
+            checkpoint.setdefault('meta', {})[
+                'search_penalty_weights'] = dict(self.unit_weights)
+
+    def after_load_checkpoint(self, runner, checkpoint):
+        weights = checkpoint.get('meta', {}).get('search_penalty_weights')
+        if runner._resume and weights:
+            self.unit_weights = dict(weights)
 
     def after_train(self, runner):
         if self._step_hook is not None:
@@ -181,10 +210,10 @@ class BNL1PenaltyHook(Hook):
         loss = 0.0
         if self.rho != 0 and self._proximal:  # applied after the step
             with torch.no_grad():
-                penalty = bn_l1_penalty(runner.model)
+                penalty = bn_l1_penalty(runner.model, self.unit_weights)
             scalars.update(penalty_l1=penalty, loss_penalty=rho * penalty)
         elif self.rho != 0:  # rho=0: weight decay only (retraining)
-            penalty = bn_l1_penalty(runner.model)
+            penalty = bn_l1_penalty(runner.model, self.unit_weights)
             loss = rho * penalty
             scalars.update(penalty_l1=penalty.detach(),
                            loss_penalty=loss.detach())

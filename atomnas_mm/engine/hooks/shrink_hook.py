@@ -15,11 +15,12 @@ from ...search.budget import BudgetController
 from ...search.costs import FLOPsCost, ParamsCost
 from ...search.policy import (MinCostTrigger, ThresholdCriterion, build_part,
                               check_number)
-from ...search.shrink import (apply_plan, atom_costs, atom_strengths,
-                              block_costs, check_optimizer, check_plan,
-                              find_backbones,
-                              plan_from_strengths,
-                              removed_cost, reshape_to_arch, shrink_optimizer)
+from ...search.shrink import (apply_plan, atom_strengths, backbone_cost,
+                              check_optimizer, check_plan, find_backbones,
+                              plan_from_strengths, removed_cost,
+                              reshape_to_arch, shrink_optimizer, width_cost_of)
+from ...search.units import (AtomUnit, describe_skipped, find_units,
+                             require_units, unit_widths)
 from ...fileio import atomic_write_json
 from ...visualization import draw_arch, draw_flops_curve, save_image_or_warn
 
@@ -36,10 +37,32 @@ def is_single_optim_wrapper(optim_wrapper):
         optim_wrapper, OptimWrapperDict)
 
 
-def backbone_cost(model, cost):
-    """Total ``cost`` of the AtomNAS backbones of ``model`` (the task model
-    itself is not run)."""
-    return sum(cost.total(m) for m in find_backbones(model).values())
+def channel_widths(model):
+    """``{unit name: [width]}`` of the units that are not AtomNAS atoms
+    (those are in :func:`current_archs`)."""
+    return unit_widths({name: unit for name, unit in find_units(model).items()
+                        if not isinstance(unit, AtomUnit)})
+
+
+def narrow_to_widths(model, widths):
+    """Narrow the channel units of ``model`` to ``widths`` (``{unit name:
+    [width]}``) keeping their first channels (weights are loaded
+    afterwards); all checked before any change.
+
+    Returns:
+        dict[Parameter, ParamChange]: The parameter remapping.
+    """
+    units = find_units(model, frozen=True)
+    missing = sorted(set(widths) - set(units))
+    if missing:
+        raise ValueError(f'channel_units: the model has no channel unit '
+                         f'{missing[0]!r} (it has {len(units)} units)')
+    plan = {}
+    for name, width in widths.items():
+        keep = units[name].keep_first(width)
+        if keep is not None:
+            plan[name] = keep
+    return apply_plan(model, plan, fold=False)
 
 
 @HOOKS.register_module()
@@ -127,9 +150,12 @@ class AtomShrinkHook(Hook):
     # -- triggers -----------------------------------------------------------
     def before_train(self, runner):
         model = self._model(runner)
-        if not find_backbones(model):
-            raise ValueError('AtomShrinkHook: the model has no AtomNAS '
-                             'backbone')
+        units, skipped = require_units(model, where='AtomShrinkHook')
+        runner.logger.info(
+            f'AtomShrinkHook: searching {len(units)} channel units ('
+            f'{sum(u.num_channels for u in units.values())} channels)' + (
+                f'; not searched:\n{describe_skipped(skipped)}'
+                if skipped else ''))
         if self.by_epoch and not isinstance(runner.train_loop,
                                             EpochBasedTrainLoop):
             raise ValueError(
@@ -147,9 +173,7 @@ class AtomShrinkHook(Hook):
         check_optimizer(optim_wrapper.optimizer, model)
         if self.controller is not None and \
                 self.controller.initial_cost is None:
-            self.controller.start(backbone_cost(model, self.cost),
-                                  atom_costs(model, self.cost),
-                                  dict(model.named_modules()))
+            self.controller.start(width_cost_of(model, self.cost))
         if not self.history:  # a resumed run has its history already
             self._record(runner, runner.epoch, runner.iter, removed=None)
 
@@ -222,9 +246,8 @@ class AtomShrinkHook(Hook):
         candidates = {name: torch.ones_like(s, dtype=torch.bool) if force
                       else self.criterion.dead(s)
                       for name, s in strengths.items()}
-        plan, after = controller.cap(
-            total, strengths, block_costs(model, self.cost),
-            dict(model.named_modules()), candidates)
+        plan, after = controller.cap(width_cost_of(model, self.cost),
+                                     strengths, candidates)
         return plan, controller.lands(after)
 
     def shrink_if_due(self, runner, epoch, iteration, final=False):
@@ -256,17 +279,17 @@ class AtomShrinkHook(Hook):
         return plan
 
     def _shrink(self, runner, plan, epoch, iteration, cost):
-        blocks = dict(self._model(runner).named_modules())
-        removed = {name: blocks[name].num_atoms - len(keep)
+        units = find_units(self._model(runner))
+        removed = {name: units[name].num_channels - len(keep)
                    for name, keep in plan.items()}
-        bound = max(blocks[name].removal_error_bound(keep)
+        bound = max(units[name].error_bound(keep)
                     for name, keep in plan.items())
         if bound > 1e-6:
             runner.logger.warning(
-                f'AtomShrinkHook: SE blocks lose atoms whose constant output '
-                f'passes the input-dependent SE gate; eval outputs of their '
-                f'projections may change by up to {bound:.3g} (docs/method.md,'
-                ' "Shrinking")')
+                f'AtomShrinkHook: removed channels whose constant output is '
+                f'not folded exactly (SE gates, padded convs); eval outputs '
+                f'of their consumers may change by up to {bound:.3g} '
+                '(docs/method.md, "Shrinking")')
         self.apply(runner, plan)
         self._record(runner, epoch, iteration, removed=removed,
                      removed_cost=cost)
@@ -330,6 +353,7 @@ class AtomShrinkHook(Hook):
     def before_save_checkpoint(self, runner, checkpoint):
         meta = checkpoint.setdefault('meta', {})
         meta['atomnas_arch'] = current_archs(self._model(runner))
+        meta['channel_units'] = channel_widths(self._model(runner))
         meta['atomnas_history'] = self.history  # for flops.png after resume
         if self.controller is not None:
             meta['atomnas_budget'] = self.controller.state_dict()
@@ -341,14 +365,20 @@ class AtomShrinkHook(Hook):
             if self.controller is not None and 'atomnas_budget' in meta:
                 self.controller.load_state_dict(meta['atomnas_budget'])
         archs = meta.get('atomnas_arch')
+        widths = meta.get('channel_units')
         model = self._model(runner)
-        if not archs or archs == current_archs(model):
-            return
-        remap = reshape_to_arch(model, archs)
-        self._update_holders(runner, remap,
-                             lambda ema: reshape_to_arch(ema, archs))
-        runner.logger.info(f'AtomShrinkHook: model reshaped to the '
-                           f'checkpoint architecture {archs}')
+        if archs and archs != current_archs(model):
+            remap = reshape_to_arch(model, archs)
+            self._update_holders(runner, remap,
+                                 lambda ema: reshape_to_arch(ema, archs))
+            runner.logger.info(f'AtomShrinkHook: model reshaped to the '
+                               f'checkpoint architecture {archs}')
+        if widths and widths != channel_widths(model):
+            remap = narrow_to_widths(model, widths)
+            self._update_holders(runner, remap,
+                                 lambda ema: narrow_to_widths(ema, widths))
+            runner.logger.info('AtomShrinkHook: channel units narrowed to '
+                               'the checkpoint widths')
 
     # -- bookkeeping ----------------------------------------------------------
     def _record(self, runner, epoch, iteration, removed, removed_cost=0.0):
@@ -358,6 +388,7 @@ class AtomShrinkHook(Hook):
         cost = flops if self.cost is self.flops else \
             backbone_cost(model, self.cost)
         archs = current_archs(model)
+        widths = channel_widths(model)
         self.history.append(dict(epoch=epoch, iter=iteration, flops=flops,
                                  params=params, cost=cost,
                                  removed_atoms=removed,
@@ -370,12 +401,12 @@ class AtomShrinkHook(Hook):
                 f'({removed_cost / 1e6:.3f}M by {type(self.cost).__name__}) '
                 f'in epoch {epoch}, after iter {iteration}; backbone now '
                 f'{flops / 1e6:.3f}M FLOPs, {params / 1e6:.3f}M params, cost '
-                f'{cost:.6g}; per block '
-                f'{removed}; rows {archs}')
+                f'{cost:.6g}; per unit {removed}; '
+                + (f'rows {archs}' if archs else f'widths {widths}'))
         if is_main_process():
             # The result: written atomically, and a failure stops training.
             atomic_write_json(osp.join(runner.work_dir, 'searched_arch.json'),
-                              archs)
+                              archs if archs else dict(channel_units=widths))
             self._draw(runner, archs, flops, epoch, iteration)
 
     def _draw(self, runner, archs, flops, epoch, iteration):

@@ -1,0 +1,350 @@
+"""Channel units: the one vocabulary of the search.
+
+A *unit* is a set of channels gated by one BN scale: the layers that produce
+them (sliced on their output dim: convs, depthwise convs, BNs, an SE's
+excite conv), the layers that consume them (sliced on their input dim) and
+where a removed channel's constant output is folded (the consumer's BN
+running mean or bias). Channels are numbered in the gate's order and may
+fall in *groups* whose channels cost differently (an AtomNAS block's kernel
+groups); ``min_width`` is how many must stay (0 where a residual path
+bypasses the unit).
+
+Penalty, criterion, budget, cost models, shrink plans, checkpoint meta and
+narrowing on load see units only (``{unit name: unit}`` from
+:func:`find_units`); which modules form a unit is the business of the
+*finders* (``atomnas_mm.search.finders``). A plan is ``{unit name: kept
+channel indices}``.
+"""
+import torch
+import torch.nn as nn
+
+from ..models.blocks import AtomicBlock
+from ..models.surgery import compose, slice_conv, slice_norm
+
+
+class SearchRefused(ValueError):
+    """The model (or a unit a config names) cannot be searched safely."""
+
+
+def _check_keep(keep, num, min_width, name):
+    keep = torch.as_tensor(keep, dtype=torch.long).flatten().cpu()
+    if len(keep) and (keep.min() < 0 or keep.max() >= num
+                      or (keep[1:] <= keep[:-1]).any()):
+        raise ValueError(f'keep: {name}: channel indices must be sorted, '
+                         f'unique and in [0, {num}), got {keep.tolist()}')
+    if len(keep) < min_width:
+        raise ValueError(f'keep: {name} must keep at least {min_width} '
+                         f'channels, got {len(keep)}')
+    return keep
+
+
+class ChannelUnit:
+    """Channels of plain layers gated by one BN (``gate``).
+
+    Args:
+        name (str): The gate's path in the model (the unit's name).
+        gate (nn.BatchNorm2d): The BN whose ``|gamma|`` gates the channels.
+        producers (list[nn.Module]): Convs and BNs sliced on their output
+            channels (a depthwise conv on both sides), the gate included.
+        consumers (list[tuple]): ``(layer, fold)`` sliced on their input
+            channels; ``fold`` is where the removed channels' constant
+            contribution goes: a BN after the layer (its running mean),
+            ``'bias'`` (the layer's own bias) or None (not folded: counted
+            in :meth:`error_bound`).
+        act (callable, optional): What consumers see of the gate's output
+            (the activation after it).
+        gated (nn.Module, optional): A consumer whose input is the unit's
+            output times an input-dependent gate (SE): its fold is not
+            exact.
+    """
+
+    kind = 'channels'
+    min_width = 1
+
+    def __init__(self, name, gate, producers, consumers, act=None,
+                 gated=None):
+        self.name = name
+        self.gate = gate
+        self.producers = list(producers)
+        self.consumers = list(consumers)
+        self.act = act
+        self.gated = gated
+
+    # -- what it is ---------------------------------------------------------
+    @property
+    def num_channels(self):
+        return self.gate.num_features
+
+    @property
+    def groups(self):
+        """``[(label, width)]``: one group (every channel costs the same)."""
+        return [(None, self.num_channels)]
+
+    def widths(self):
+        """The unit's width per group (the searched architecture)."""
+        return [self.num_channels]
+
+    def modules(self):
+        return [self.gate] + [m for m in self.producers if m is not self.gate
+                              ] + [layer for layer, _ in self.consumers]
+
+    @property
+    def trainable(self):
+        """Whether every parameter of the unit trains (frozen ones are not
+        searched)."""
+        return all(p.requires_grad for m in self.modules()
+                   for p in m.parameters(recurse=False))
+
+    def gammas(self):
+        """The gate's scales (differentiable)."""
+        return self.gate.weight
+
+    def gamma_slices(self):
+        """``[(gamma parameter, first channel)]`` in channel order."""
+        return [(self.gate.weight, 0)]
+
+    # -- surgery ------------------------------------------------------------
+    def check_keep(self, keep):
+        return _check_keep(keep, self.num_channels, self.min_width, self.name)
+
+    def keep_first(self, widths):
+        """Indices keeping the first channels to reach ``widths`` (None when
+        the unit has them already)."""
+        (width, ) = widths
+        if width > self.num_channels:
+            raise ValueError(f'channel_units: {self.name} needs {width} '
+                             f'channels, the model has {self.num_channels}')
+        if width == self.num_channels:
+            return None
+        return torch.arange(width)
+
+    def constants(self):
+        """Eval-mode output of each channel when its gamma is 0:
+        ``act(beta)``."""
+        gate = self.gate
+        beta = gate.bias.detach().clone() if gate.bias is not None else \
+            gate.weight.new_zeros(self.num_channels)
+        if self.act is not None:
+            beta = self.act(beta.view(1, -1, 1, 1)).flatten()
+        return beta
+
+    def _removed(self, keep):
+        mask = torch.ones(self.num_channels, dtype=torch.bool)
+        mask[torch.as_tensor(keep, dtype=torch.long).cpu()] = False
+        return mask
+
+    @staticmethod
+    def _exact(layer):
+        """Whether a constant input map gives a constant output (no zero
+        padding reaches it)."""
+        if isinstance(layer, nn.Linear):
+            return True
+        return all(k == 1 for k in layer.kernel_size) or all(
+            p == 0 for p in layer.padding) if not isinstance(
+                layer.padding, str) else layer.padding == 'valid'
+
+    def _shifts(self, keep):
+        """Per consumer: the constant its output loses with the removed
+        channels (summed over the kernel: the interior value)."""
+        removed = self._removed(keep)
+        const = self.constants().cpu() * removed.to(self.gate.weight.dtype)
+        out = []
+        for layer, _ in self.consumers:
+            weight = layer.weight.detach().cpu()
+            per_channel = weight.flatten(2).sum(-1) if weight.dim() > 2 \
+                else weight
+            out.append(per_channel @ const)
+        return out
+
+    def error_bound(self, keep):
+        """Bound on the eval-output change of :meth:`remove` (0 when exact).
+
+        A removed channel outputs the constant ``a = act(beta)``. Folding is
+        exact into a 1x1 (or unpadded) consumer; a padded ``k x k`` consumer
+        sees the constant cut at the borders, a gated consumer (SE) sees it
+        times an input-dependent gate: there the consumer's output may move
+        by up to ``sum |W[o, c]| * |a_c|`` over the removed channels (times
+        the following BN's scale).
+        """
+        removed = self._removed(keep)
+        if not removed.any():
+            return 0.0
+        const = self.constants().cpu().abs()[removed]
+        bound = 0.0
+        for layer, fold in self.consumers:
+            if self._exact(layer) and layer is not self.gated:
+                continue
+            weight = layer.weight.detach().cpu().abs()
+            per = (weight.flatten(2).sum(-1) if weight.dim() > 2
+                   else weight)[:, removed] @ const
+            if isinstance(fold, nn.modules.batchnorm._BatchNorm):
+                per = per * (fold.weight.detach().cpu().abs() / torch.sqrt(
+                    fold.running_var.cpu() + fold.eps))
+            bound = max(bound, float(per.max()))
+        return bound
+
+    def remove(self, keep, fold=True):
+        """Remove the channels not in ``keep``, in place.
+
+        Args:
+            keep (Tensor): Sorted indices of the surviving channels.
+            fold (bool): Fold the removed channels' constant output into the
+                consumers' BN running mean (or bias).
+
+        Returns:
+            dict[Parameter, ParamChange]: The parameter remapping.
+        """
+        keep = self.check_keep(keep)
+        if len(keep) == self.num_channels:
+            return {}
+        shifts = self._shifts(keep) if fold else None
+        remap = {}
+        device_keep = keep.to(self.gate.weight.device)
+        for module in self.producers:
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                slice_norm(module, device_keep, remap)
+            else:
+                slice_conv(module, device_keep, remap, dim=0)
+        for i, (layer, target) in enumerate(self.consumers):
+            if isinstance(layer, nn.Linear):
+                _slice_linear_in(layer, device_keep, remap)
+            else:
+                slice_conv(layer, device_keep, remap, dim=1)
+            if not fold or target is None or layer is self.gated:
+                continue
+            shift = shifts[i]
+            if isinstance(target, nn.modules.batchnorm._BatchNorm):
+                target.running_mean -= shift.to(target.running_mean)
+            elif target == 'bias' and layer.bias is not None:
+                layer.bias.data += shift.to(layer.bias)
+        return compose(remap)
+
+
+def _slice_linear_in(layer, index, remap):
+    from ..models.surgery import slice_param
+    slice_param(layer, 'weight', 1, index, remap)
+    layer.in_features = len(index)
+
+
+class AtomUnit:
+    """The atoms of one searchable :class:`AtomicBlock` (its hidden
+    channels, grouped by kernel size; gate: the depthwise BNs)."""
+
+    kind = 'atoms'
+
+    def __init__(self, name, block):
+        self.name = name
+        self.block = block
+
+    @property
+    def num_channels(self):
+        return self.block.num_atoms
+
+    @property
+    def groups(self):
+        return self.block.atom_groups()
+
+    @property
+    def min_width(self):
+        return 0 if self.block.use_res else 1
+
+    @property
+    def trainable(self):
+        return all(p.requires_grad for p in self.block.parameters())
+
+    def widths(self):
+        return list(self.block.hidden)
+
+    def gammas(self):
+        return self.block.gammas()
+
+    def gamma_slices(self):
+        out, start = [], 0
+        for module in self.block.dw.values():
+            out.append((module.norm.weight, start))
+            start += module.norm.weight.numel()
+        return out
+
+    def check_keep(self, keep):
+        return self.block.check_keep(keep)
+
+    def error_bound(self, keep):
+        return self.block.removal_error_bound(keep)
+
+    def remove(self, keep, fold=True):
+        return self.block.remove_atoms(keep, fold=fold)
+
+
+# -- finding ------------------------------------------------------------------
+def _unwrap(model):
+    from mmengine.model import is_model_wrapper
+    return model.module if is_model_wrapper(model) else model
+
+
+def _finder_parts(finders):
+    if finders is None:
+        from .finders import DEFAULT_FINDERS
+        return DEFAULT_FINDERS
+    from .policy import build_part
+    return [build_part(f, None, 'finder') for f in finders]
+
+
+def find_units(model, finders=None, skipped=None, frozen=False):
+    """``{name: unit}`` of every searchable unit of ``model``.
+
+    Args:
+        model (nn.Module): The model (a wrapper is unwrapped).
+        finders (list, optional): Finder parts or config dicts (default:
+            :data:`~atomnas_mm.search.finders.DEFAULT_FINDERS`).
+        skipped (list, optional): Filled with ``(module name, reason)`` of
+            what the finders saw and did not take (frozen, unsafe, ...).
+        frozen (bool): Also the units whose parameters do not train (an
+            EMA copy's, to follow a surgery decided on the live model).
+
+    Returns:
+        dict[str, ChannelUnit | AtomUnit]: In module order.
+    """
+    model = _unwrap(model)
+    skipped = [] if skipped is None else skipped
+    units = {}
+    claimed = set()
+    for finder in _finder_parts(finders):
+        for unit in finder(model, skipped, claimed):
+            if unit.name in units:
+                raise SearchRefused(f'{unit.name}: claimed by two finders')
+            if not (frozen or unit.trainable):
+                skipped.append((unit.name, 'frozen (requires_grad=False): '
+                                'not searched'))
+                continue
+            units[unit.name] = unit
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    return dict(sorted(units.items(),
+                       key=lambda kv: order.get(kv[0], len(order))))
+
+
+def describe_skipped(skipped, limit=8):
+    """One line per skipped module (at most ``limit``)."""
+    lines = [f'  {name}: {why}' for name, why in skipped[:limit]]
+    if len(skipped) > limit:
+        lines.append(f'  ... and {len(skipped) - limit} more')
+    return '\n'.join(lines)
+
+
+def require_units(model, finders=None, where='search'):
+    """:func:`find_units`, raising :class:`SearchRefused` (naming what was
+    seen and why it was not taken) when nothing can be searched."""
+    skipped = []
+    units = find_units(model, finders, skipped)
+    if not units:
+        detail = describe_skipped(skipped) if skipped else \
+            '  no BN-gated channels that a finder knows (AtomNAS blocks, ' \
+            'mmpretrain MobileNetV2 inverted residuals, mmpretrain/mmdet ' \
+            'ResNet blocks)'
+        raise SearchRefused(f'{where}: the model has no searchable channel '
+                            f'unit:\n{detail}')
+    return units, skipped
+
+
+def unit_widths(units):
+    """``{name: [width per group]}``: the searched architecture."""
+    return {name: unit.widths() for name, unit in units.items()}

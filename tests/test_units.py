@@ -1,0 +1,186 @@
+"""Channel units of stock models: finding, surgery, costs, penalty, refusals
+(atomnas_mm.search.units / finders)."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+from mmpretrain.models import MobileNetV2, ResNet, ResNeXt
+
+import atomnas_mm  # noqa: F401
+from atomnas_mm.engine.hooks.shrink_hook import (channel_widths,
+                                                 narrow_to_widths)
+from atomnas_mm.models import AtomNAS
+from atomnas_mm.search import bn_l1_penalty, shrink_optimizer
+from atomnas_mm.search.costs import FLOPsCost, ParamsCost
+from atomnas_mm.search.penalty import proximal_l1_step
+from atomnas_mm.search.shrink import (apply_plan, backbone_cost,
+                                      plan_shrink, shrink_model,
+                                      width_cost_of)
+from atomnas_mm.search.units import (AtomUnit, SearchRefused, find_units,
+                                     require_units)
+from harness import SUPERNET
+
+
+def randomised(model, seed=0):
+    """Random BN affine and running statistics (folding is then visible)."""
+    gen = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            with torch.no_grad():
+                m.weight.copy_(torch.rand(m.weight.shape, generator=gen) + .5)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=gen))
+                m.running_mean.copy_(torch.randn(m.running_mean.shape,
+                                                 generator=gen))
+                m.running_var.copy_(torch.rand(m.running_var.shape,
+                                               generator=gen) + .5)
+    model.eval()
+    return model
+
+
+def kill_every_other(units):
+    plan = {}
+    for name, unit in units.items():
+        with torch.no_grad():
+            unit.gate.weight[::2] = 0
+        plan[name] = torch.arange(1, unit.num_channels, 2)
+    return plan
+
+
+STOCK = {
+    'mobilenet-v2': lambda: MobileNetV2(widen_factor=0.5),
+    'resnet-18': lambda: ResNet(18, base_channels=16, stem_channels=16),
+    'resnet-50': lambda: ResNet(50, base_channels=16, stem_channels=16),
+}
+
+
+def test_finders_name_units_by_their_gate_and_skip_what_they_cannot_prove():
+    skipped = []
+    units = find_units(MobileNetV2(widen_factor=0.5), skipped=skipped)
+    assert len(units) == 16 and list(units)[0] == 'layer2.0.conv.1.bn'
+    assert skipped == [('layer1.0', 'no expansion conv: its hidden channels '
+                        'are the block input, not searched')]
+    units = find_units(ResNet(50, base_channels=16, frozen_stages=1))
+    assert list(units)[:2] == ['layer2.0.bn1', 'layer2.0.bn2']
+    assert len(units) == 2 * (4 + 6 + 3)  # layer1 frozen, bn3 never
+    assert all(not isinstance(u, AtomUnit) for u in units.values())
+    assert all(isinstance(u, AtomUnit)
+               for u in find_units(AtomNAS(arch=SUPERNET)).values())
+
+
+def test_a_model_without_units_is_refused_naming_what_was_seen():
+    with pytest.raises(SearchRefused, match=r'search: the model has no '
+                       r'searchable channel unit:\n  layer1.0: grouped conv'):
+        require_units(ResNeXt(50, base_channels=16))
+    with pytest.raises(SearchRefused, match='no BN-gated channels that a '
+                       'finder knows'):
+        require_units(nn.Sequential(nn.Conv2d(3, 8, 3), nn.LayerNorm(8)))
+
+
+@pytest.mark.parametrize('name', sorted(STOCK))
+def test_removal_matches_the_masked_model_within_its_bound(name):
+    """Every unit's removal changes its consumer's BN output by at most the
+    bound it states (0: exactly nothing), with random BN statistics."""
+    model = randomised(STOCK[name]())
+    units = find_units(model)
+    plan = kill_every_other(units)
+    x = torch.randn(2, 3, 64, 64)
+    for unit_name, unit in units.items():
+        consumer_bn = unit.consumers[0][1]
+        seen = []
+        handle = consumer_bn.register_forward_hook(
+            lambda m, i, o: seen.append(o.detach().clone()))
+        with torch.no_grad():
+            model(x)
+            bound = unit.error_bound(plan[unit_name])
+            unit.remove(plan[unit_name])
+            model(x)
+        handle.remove()
+        assert unit.num_channels == len(plan[unit_name])
+        change = (seen[0] - seen[1]).abs().max().item()
+        assert change <= bound + 1e-4, (unit_name, change, bound)
+        if bound == 0:
+            assert change < 1e-4
+    assert any(u.error_bound(torch.arange(u.num_channels)) == 0
+               for u in units.values())
+
+
+@pytest.mark.parametrize('name', sorted(STOCK))
+@pytest.mark.parametrize('cost', [FLOPsCost(64), ParamsCost()],
+                         ids=['flops', 'params'])
+def test_width_cost_predicts_the_shrunk_model(name, cost):
+    model = STOCK[name]()
+    widths = width_cost_of(model, cost)
+    assert widths.total == backbone_cost(model, cost)
+    gen = torch.Generator().manual_seed(1)
+    plan = {}
+    for unit_name, unit in widths.units.items():
+        keep = int(torch.randint(1, unit.num_channels + 1, (),
+                                 generator=gen))
+        for _ in range(unit.num_channels - keep):
+            widths.remove(unit_name, 0)
+        plan[unit_name] = torch.arange(keep)
+    low = widths.smallest()
+    apply_plan(model, plan)
+    assert backbone_cost(model, cost) == widths.total
+    assert low < widths.total
+
+
+def test_optimizer_and_ema_follow_a_unit_surgery():
+    model = STOCK['resnet-50']()
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(2, 3, 32, 32))[-1].sum().backward()
+    opt.step()
+    unit = find_units(model)['layer2.0.bn2']
+    conv3 = model.layer2[0].conv3
+    momentum = opt.state[conv3.weight]['momentum_buffer'].clone()
+    keep = torch.tensor([0, 2, 5])
+    remap = apply_plan(model, {'layer2.0.bn2': keep})
+    apply_plan(ema, {'layer2.0.bn2': keep})  # frozen copies follow too
+    shrink_optimizer(opt, model, remap)
+    assert unit.num_channels == 3 and conv3.in_channels == 3
+    assert torch.equal(opt.state[conv3.weight]['momentum_buffer'],
+                       momentum[:, keep])
+    assert ema.layer2[0].conv3.weight.shape == conv3.weight.shape
+    opt.step()  # the optimizer holds the new tensors
+
+
+def test_penalty_and_proximal_step_over_units():
+    model = STOCK['mobilenet-v2']()
+    units = find_units(model)
+    weights = {name: float(i + 1) for i, name in enumerate(units)}
+    expected = sum(weights[n] * u.gate.weight.abs().sum()
+                   for n, u in units.items())
+    assert torch.allclose(bn_l1_penalty(model, weights), expected)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    proximal_l1_step(model, opt, rho=1.0, weights=weights)
+    first, last = list(units.values())[0], list(units.values())[-1]
+    assert torch.all(first.gate.weight == 0.5)  # 1 - lr * rho * 1
+    assert torch.all(last.gate.weight == 0)  # 1 - lr * rho * 16 < 0
+    other = model.conv1.bn.weight  # not a unit's gate: untouched
+    assert torch.all(other == 1)
+
+
+def test_shrink_model_and_reloading_by_widths():
+    """shrink_model on a stock net, then a fresh net narrowed to the stored
+    widths takes the shrunk state dict strictly and gives the same output."""
+    model = randomised(STOCK['resnet-50']())
+    units = find_units(model)
+    plan = kill_every_other(units)
+    dead = sum(u.num_channels - len(plan[n]) for n, u in units.items())
+    with pytest.warns(UserWarning, match='not folded exactly'):
+        result = shrink_model(model, threshold=0.0)
+    assert result['removed_atoms'] == dead and result['error_bound'] > 0
+    widths = channel_widths(model)
+    assert widths == result['widths']
+    fresh = STOCK['resnet-50']()
+    fresh.eval()
+    narrow_to_widths(fresh, widths)
+    fresh.load_state_dict(model.state_dict())
+    x = torch.randn(1, 3, 32, 32)
+    assert torch.equal(fresh(x)[-1], model(x)[-1])
+    with pytest.raises(ValueError, match="channel_units: the model has no "
+                       "channel unit 'nope'"):
+        narrow_to_widths(fresh, {'nope': [3]})
+    assert plan_shrink(fresh) == {}  # nothing dead is left
