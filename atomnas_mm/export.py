@@ -335,13 +335,14 @@ def export(src, out, name=None, config=None, inherit=None):
     """
     path = find_checkpoint(src)
     ckpt = load_checkpoint(path)
+    meta = ckpt.get('meta', {})
+    if not meta.get('atomnas_arch') and meta.get('channel_units'):
+        return export_channels(ckpt, path, out, name, config, inherit, src)
     search = _search_cfg(ckpt, path, config)
     archs = complete_archs(searched_archs(ckpt, path),
                            search.model if search is not None else None, path)
     arch = archs[backbone_path(archs, path)]
-    if name is None:
-        base = src if osp.isdir(src) else osp.dirname(osp.abspath(path))
-        name = osp.basename(osp.normpath(base)) or 'searched'
+    name = _export_name(name, src, path)
     os.makedirs(out, exist_ok=True)
     paths = dict(arch=osp.join(out, 'arch.json'),
                  config=osp.join(out, f'{name}.py'),
@@ -352,6 +353,63 @@ def export(src, out, name=None, config=None, inherit=None):
     with open(paths['config'], 'w') as f:
         f.write(text)
     torch.save(export_checkpoint(ckpt, archs), paths['checkpoint'])
+    return paths
+
+
+def _export_name(name, src, path):
+    if name is None:
+        base = src if osp.isdir(src) else osp.dirname(osp.abspath(path))
+        name = osp.basename(osp.normpath(base)) or 'searched'
+    return name
+
+
+def narrowed_backbone_cfg(model_cfg, widths, path):
+    """``model_cfg`` (a copy) whose backbone is built narrowed to the
+    searched widths (``atomnas_mm.Narrowed``); its ``init_cfg`` is dropped
+    (the exported checkpoint holds the weights)."""
+    prefix = 'backbone.'
+    outside = [n for n in widths if not n.startswith(prefix)]
+    if outside:
+        raise ValueError(f'{path}: channel unit {outside[0]!r} is outside '
+                         'the backbone; only backbones are exported')
+    model_cfg = copy.deepcopy(model_cfg)
+    inner = dict(model_cfg['backbone'])
+    inner.pop('init_cfg', None)
+    model_cfg['backbone'] = dict(
+        type='atomnas_mm.Narrowed', model=inner,
+        channel_units={n[len(prefix):]: list(w) for n, w in widths.items()})
+    return model_cfg
+
+
+def export_channels(ckpt, path, out, name=None, config=None, inherit=None,
+                    src=None):
+    """:func:`export` for a search on a stock model (channel units):
+    ``channel_units.json``, a config whose backbone is
+    ``atomnas_mm.Narrowed`` around the search config's, and the weights."""
+    if inherit is not None:
+        raise ValueError('--inherit: the export of a stock-model search '
+                         'derives from its search config (--config)')
+    widths = ckpt['meta']['channel_units']
+    cfg = _search_cfg(ckpt, path, config)
+    if cfg is None:
+        raise ValueError(f'{path}: no config stored in meta["cfg"]; '
+                         'pass --config')
+    strip_search(cfg, {})
+    cfg.model = narrowed_backbone_cfg(cfg.model, widths, path)
+    name = _export_name(name, src or path, path)
+    os.makedirs(out, exist_ok=True)
+    paths = dict(arch=osp.join(out, 'channel_units.json'),
+                 config=osp.join(out, f'{name}.py'),
+                 checkpoint=osp.join(out, f'{name}.pth'))
+    header = (f'# Searched net exported from {osp.abspath(path)}: the search '
+              'config\'s backbone narrowed to the searched widths\n')
+    with open(paths['arch'], 'w') as f:
+        json.dump(widths, f, indent=1)
+    with open(paths['config'], 'w') as f:
+        f.write(header + cfg.pretty_text)
+    exported = export_checkpoint(ckpt, {})
+    exported['meta']['channel_units'] = widths
+    torch.save(exported, paths['checkpoint'])
     return paths
 
 

@@ -3,6 +3,8 @@ from .backbones import AtomNAS
 from .blocks import AtomicBlock
 from .heads import DropoutLinearClsHead
 from .cost import count_flops_params
+from .narrowed import build_narrowed
 
 __all__ = ['ARCHS', 'PUBLISHED', 'get_arch', 'supernet_rows', 'AtomNAS',
-           'AtomicBlock', 'DropoutLinearClsHead', 'count_flops_params']
+           'AtomicBlock', 'DropoutLinearClsHead', 'build_narrowed',
+           'count_flops_params']

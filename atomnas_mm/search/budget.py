@@ -122,7 +122,7 @@ class BudgetController:
         """Whether a net of ``cost`` is within the tolerance of the target."""
         return cost <= self.target * (1 + self.tolerance)
 
-    def cap(self, widths, strengths, candidates):
+    def cap(self, widths, strengths, candidates, floor=None):
         """The channels to remove: the weakest of ``candidates`` (per unit a
         bool mask), while the net stays at or above the target.
 
@@ -135,11 +135,14 @@ class BudgetController:
                 it ends in the planned state).
             strengths (dict[str, Tensor]): Per unit, per-channel strengths.
             candidates (dict[str, Tensor]): Per unit, removable channels.
+            floor (float, optional): The cost not to go below (default: the
+                target).
 
         Returns:
             tuple[dict[str, Tensor], float]: A plan ``{unit: kept channel
             indices}`` and the model's cost after it.
         """
+        floor = self.target if floor is None else max(floor, self.target)
         order = []
         for name, mask in candidates.items():
             for channel in torch.nonzero(mask).flatten().tolist():
@@ -156,7 +159,7 @@ class BudgetController:
             if unit.num_channels - len(removed[name]) <= unit.min_width:
                 continue
             group = group_of[name][channel]
-            if widths.total + widths.removal(name, group) < self.target:
+            if widths.total + widths.removal(name, group) < floor:
                 continue
             widths.remove(name, group)
             removed[name].append(channel)

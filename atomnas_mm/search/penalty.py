@@ -74,7 +74,10 @@ def proximal_l1_step(model, optimizer, rho, weights=None):
     subgradient (which makes gammas oscillate around 0 with an amplitude of
     about ``lr * rho * p``), it sets gammas exactly to 0, so channels die
     when the strength asks for it. Gammas the optimizer does not hold are
-    left alone.
+    left alone, and so are the ``min_width`` strongest channels of a unit
+    that is not an AtomNAS block (no shrink removes them: such a unit
+    cannot vanish, and zeroing all its gammas would cut the network; an
+    AtomNAS block keeps the reference's penalty on every atom).
 
     Args:
         model (nn.Module): A model, possibly wrapped (DDP).
@@ -87,7 +90,13 @@ def proximal_l1_step(model, optimizer, rho, weights=None):
     for name, unit in find_units(_unwrap(model)).items():
         if not unit.num_channels:
             continue
-        unit_weights = _weights(unit, name, weights, unit.gammas())
+        gammas = unit.gammas()
+        unit_weights = _weights(unit, name, weights, gammas)
+        if unit.min_width and not isinstance(unit, AtomUnit):
+            # the strongest stay whatever: not shrunk
+            unit_weights = unit_weights.clone()
+            unit_weights[gammas.abs().topk(
+                min(unit.min_width, len(gammas))).indices] = 0
         for gamma, start in unit.gamma_slices():
             lr = lrs.get(gamma)
             if lr is None:

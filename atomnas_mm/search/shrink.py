@@ -16,7 +16,7 @@ from ..models.blocks import AtomicBlock
 from ..models.surgery import compose
 from .costs import search_root, width_cost
 from .policy import ThresholdCriterion
-from .units import find_units, unit_widths
+from .units import AtomUnit, find_units, unit_widths
 
 
 def find_backbones(model):
@@ -243,6 +243,34 @@ def reshape_to_arch(model, archs):
     for path, plan in plans.items():
         remap.update(apply_plan(backbones[path], plan, fold=False))
     return remap
+
+
+def channel_widths(model):
+    """``{unit name: [width]}`` of the units that are not AtomNAS atoms
+    (those are in :func:`current_archs`)."""
+    return unit_widths({name: unit for name, unit in find_units(model).items()
+                        if not isinstance(unit, AtomUnit)})
+
+
+def narrow_to_widths(model, widths):
+    """Narrow the channel units of ``model`` to ``widths`` (``{unit name:
+    [width]}``) keeping their first channels (weights are loaded
+    afterwards); all checked before any change.
+
+    Returns:
+        dict[Parameter, ParamChange]: The parameter remapping.
+    """
+    units = find_units(model, frozen=True)
+    missing = sorted(set(widths) - set(units))
+    if missing:
+        raise ValueError(f'channel_units: the model has no channel unit '
+                         f'{missing[0]!r} (it has {len(units)} units)')
+    plan = {}
+    for name, width in widths.items():
+        keep = units[name].keep_first(width)
+        if keep is not None:
+            plan[name] = keep
+    return apply_plan(model, plan, fold=False)
 
 
 def shrink_model(model, threshold=1e-3, fold=True):

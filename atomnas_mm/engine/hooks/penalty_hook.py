@@ -47,9 +47,17 @@ class BNL1PenaltyHook(Hook):
             their mean) become the penalty weights at the start of a fresh
             run, e.g. ``dict(type='LatencyCost', table='latency.json')``. By
             default the weights are FLOPs at 224 px, or the cost model of an
-            AtomShrinkHook target when there is one. The channels of a unit
-            that is not an AtomNAS block share one weight (one channel's
-            cost at the start of the run).
+            AtomShrinkHook target when there is one; AtomNAS atoms only,
+            unless ``channel_weights='cost'``.
+        channel_weights (str): The penalty weight of the channels of units
+            that are not AtomNAS atoms (stock models): ``'uniform'`` (1,
+            the default) or ``'cost'`` (one channel's cost at the start of
+            the run over the mean; fixed for the run, stored in
+            checkpoints). Cost weights concentrate the penalty on the
+            high-resolution layers; on the MobileNetV2 demo at 30% FLOPs
+            they cut the early blocks to 1-2 channels and ended at 76.0
+            top-1, uniform weights at 84.2 (docs/search_any_model.md): the
+            budget already keeps the net on its cost target.
         proximal (bool, optional): Apply the penalty as a soft-threshold
             step on the gammas after every optimizer step (``gamma <-
             sign(gamma) * max(|gamma| - lr * rho(t) * p, 0)``; skipped with
@@ -64,7 +72,8 @@ class BNL1PenaltyHook(Hook):
     priority = 'NORMAL'
 
     def __init__(self, rho=None, warmup_epochs=25, warmup_iters=None,
-                 weight_decay=0.0, schedule=None, cost=None, proximal=None):
+                 weight_decay=0.0, schedule=None, cost=None, proximal=None,
+                 channel_weights='uniform'):
         if (rho is None) == (schedule is None):
             raise ValueError('rho: give rho (linear ramp) or schedule, '
                              'exactly one')
@@ -83,6 +92,10 @@ class BNL1PenaltyHook(Hook):
             raise ValueError(f'proximal: must be a bool or None, got '
                              f'{proximal!r}')
         self.proximal = proximal
+        if channel_weights not in ('uniform', 'cost'):
+            raise ValueError(f"channel_weights: 'uniform' or 'cost', got "
+                             f'{channel_weights!r}')
+        self.channel_weights_by = channel_weights
         self._proximal = bool(proximal)
         self._wrapped = None
         self._step_hook = None
@@ -115,8 +128,8 @@ class BNL1PenaltyHook(Hook):
         if cost is not None and runner.iter == 0:  # resumed: weights loaded
             for backbone in find_backbones(model).values():
                 set_penalty_weights(backbone, cost)
-        if self.unit_weights is None and any(
-                not isinstance(u, AtomUnit) for u in units.values()):
+        if self.channel_weights_by == 'cost' and self.unit_weights is None \
+                and any(not isinstance(u, AtomUnit) for u in units.values()):
             self.unit_weights = self.channel_weights(
                 model, units, cost or FLOPsCost())
         own = vars(optim_wrapper).get('update_params')

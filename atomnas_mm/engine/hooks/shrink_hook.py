@@ -16,11 +16,11 @@ from ...search.costs import FLOPsCost, ParamsCost
 from ...search.policy import (MinCostTrigger, ThresholdCriterion, build_part,
                               check_number)
 from ...search.shrink import (apply_plan, atom_strengths, backbone_cost,
-                              check_optimizer, check_plan, find_backbones,
+                              channel_widths, check_optimizer, check_plan,
+                              find_backbones, narrow_to_widths,
                               plan_from_strengths, removed_cost,
                               reshape_to_arch, shrink_optimizer, width_cost_of)
-from ...search.units import (AtomUnit, describe_skipped, find_units,
-                             require_units, unit_widths)
+from ...search.units import describe_skipped, find_units, require_units
 from ...fileio import atomic_write_json
 from ...visualization import draw_arch, draw_flops_curve, save_image_or_warn
 
@@ -35,34 +35,6 @@ def is_single_optim_wrapper(optim_wrapper):
     subclasses OptimWrapper but holds several)."""
     return isinstance(optim_wrapper, OptimWrapper) and not isinstance(
         optim_wrapper, OptimWrapperDict)
-
-
-def channel_widths(model):
-    """``{unit name: [width]}`` of the units that are not AtomNAS atoms
-    (those are in :func:`current_archs`)."""
-    return unit_widths({name: unit for name, unit in find_units(model).items()
-                        if not isinstance(unit, AtomUnit)})
-
-
-def narrow_to_widths(model, widths):
-    """Narrow the channel units of ``model`` to ``widths`` (``{unit name:
-    [width]}``) keeping their first channels (weights are loaded
-    afterwards); all checked before any change.
-
-    Returns:
-        dict[Parameter, ParamChange]: The parameter remapping.
-    """
-    units = find_units(model, frozen=True)
-    missing = sorted(set(widths) - set(units))
-    if missing:
-        raise ValueError(f'channel_units: the model has no channel unit '
-                         f'{missing[0]!r} (it has {len(units)} units)')
-    plan = {}
-    for name, width in widths.items():
-        keep = units[name].keep_first(width)
-        if keep is not None:
-            plan[name] = keep
-    return apply_plan(model, plan, fold=False)
 
 
 @HOOKS.register_module()
@@ -105,6 +77,13 @@ class AtomShrinkHook(Hook):
             ``[target, target * (1 + tolerance)]``.
         latency_table (str, optional): With ``target=dict(latency_ms=...)``:
             the latency table of the deployment device.
+        follow_path (bool): With ``target``: at every check where the net
+            is above the controller's path (a linear descent from the
+            initial cost to the target at the deadline), its weakest
+            channels (smallest ``|gamma|``, dead or not) go down to the
+            path, so the net shrinks gradually instead of by a cut at the
+            deadline when the penalty lags (stock models, whose BN scales
+            start at 1).
     """
 
     # Before EMAHook (ABOVE_NORMAL in mmpretrain configs), so that
@@ -114,7 +93,8 @@ class AtomShrinkHook(Hook):
     def __init__(self, threshold=None, min_removed_flops=None, interval=1,
                  by_epoch=True, input_size=224, final_shrink=True,
                  criterion=None, trigger=None, cost=None, target=None,
-                 deadline=0.5, tolerance=0.02, latency_table=None):
+                 deadline=0.5, tolerance=0.02, latency_table=None,
+                 follow_path=False):
         for name, given, part in (('threshold', threshold, criterion),
                                   ('min_removed_flops', min_removed_flops,
                                    trigger)):
@@ -145,6 +125,12 @@ class AtomShrinkHook(Hook):
                 raise ValueError(f'{name}: must be a bool, got {value!r}')
         self.by_epoch = by_epoch
         self.final_shrink = final_shrink
+        if not isinstance(follow_path, bool):
+            raise ValueError(f'follow_path: must be a bool, got '
+                             f'{follow_path!r}')
+        if follow_path and target is None:
+            raise ValueError('follow_path: needs a target')
+        self.follow_path = follow_path
         self.history = []
 
     # -- triggers -----------------------------------------------------------
@@ -237,17 +223,25 @@ class AtomShrinkHook(Hook):
         # target, dead or not (the EMA copy may still lag the live weights).
         force = controller.due(progress, final)
         if force and not controller.lands(live):
-            runner.logger.warning(
+            # following the path, the deadline's cut is its last step
+            log = runner.logger.info if self.follow_path else \
+                runner.logger.warning
+            log(
                 f'AtomShrinkHook: the penalty did not reach the target by '
                 f'the {"end" if final else "deadline"} ({live:.6g} > '
                 f'{controller.target:.6g}); the weakest live atoms go down to '
                 'it (BN re-calibration follows when BNRecalibrationHook is '
                 'configured)')
+        floor = None
+        if not force and self.follow_path and not controller.landed and \
+                total > controller.path(progress):
+            # behind the path: the weakest channels go down to it
+            force, floor = True, controller.path(progress)
         candidates = {name: torch.ones_like(s, dtype=torch.bool) if force
                       else self.criterion.dead(s)
                       for name, s in strengths.items()}
         plan, after = controller.cap(width_cost_of(model, self.cost),
-                                     strengths, candidates)
+                                     strengths, candidates, floor)
         return plan, controller.lands(after)
 
     def shrink_if_due(self, runner, epoch, iteration, final=False):

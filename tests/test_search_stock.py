@@ -1,0 +1,157 @@
+"""Searching stock models the way users run it: configs/search (mmpretrain's
+MobileNetV2 recipe, mmdet's Faster R-CNN) on tiny data through
+tools/train.py, tools/test.py, tools/export_searched.py and mmdet's own
+tools, in subprocesses."""
+import glob
+import json
+import os
+import os.path as osp
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import atomnas_mm  # noqa: F401
+from atomnas_mm.search.costs import FLOPsCost
+
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+ENV = dict(os.environ, PYTHONWARNINGS='ignore', OMP_NUM_THREADS='1')
+ENV.pop('LOCAL_RANK', None)
+
+
+def run(args, cwd, timeout=600):
+    out = subprocess.run([sys.executable, *args], cwd=str(cwd), env=ENV,
+                         capture_output=True, text=True, timeout=timeout)
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, log[-5000:]
+    return log
+
+
+def write_images(root, per_class=4):
+    import cv2
+    import numpy as np
+    rng = np.random.default_rng(0)
+    for cls in ('cat', 'dog'):
+        os.makedirs(osp.join(root, cls), exist_ok=True)
+        for i in range(per_class):
+            img = rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)
+            cv2.imwrite(osp.join(root, cls, f'{i}.png'), img)
+
+
+# mmpretrain's MobileNetV2 recipe + the search hooks, unchanged but for tiny
+# data (8 images of 2 classes at 32 px, batch 2: 4 iterations an epoch) and
+# a budget for 32 px checked every iteration.
+TINY_MBV2 = """
+_base_ = [{base!r}]
+model = dict(head=dict(num_classes=2, topk=(1, )))
+pipeline = [dict(type='LoadImageFromFile'),
+            dict(type='Resize', scale=32), dict(type='PackInputs')]
+data = dict(_delete_=True, type='CustomDataset', data_root={data!r},
+            pipeline=pipeline)
+train_dataloader = dict(batch_size=2, num_workers=0, persistent_workers=False,
+                        dataset=data)
+val_dataloader = dict(batch_size=2, num_workers=0, persistent_workers=False,
+                      dataset=data)
+test_dataloader = val_dataloader
+val_evaluator = dict(type='Accuracy', topk=(1, ))
+test_evaluator = val_evaluator
+train_cfg = dict(max_epochs=2, val_interval=2)
+default_hooks = dict(logger=dict(interval=1))
+custom_hooks = [
+    dict(type='atomnas_mm.BNL1PenaltyHook', rho=1e-2, warmup_epochs=0),
+    dict(type='atomnas_mm.AtomShrinkHook', target=dict(flops={target}),
+         deadline=0.5, tolerance=0.02, follow_path=True, interval=1,
+         by_epoch=False, input_size=32)]
+"""
+
+
+@pytest.mark.slow
+def test_stock_mobilenet_v2_search_train_test_export(tmp_path):
+    from mmpretrain.models import MobileNetV2
+    full = FLOPsCost(32).total(MobileNetV2())
+    target = 0.6 * full
+    write_images(str(tmp_path / 'images'))
+    cfg = tmp_path / 'mbv2_search.py'
+    cfg.write_text(TINY_MBV2.format(
+        base=osp.join(ROOT, 'configs/search/mobilenet-v2_8xb32_in1k_search.py'),
+        data=str(tmp_path / 'images'), target=target))
+    work = tmp_path / 'work'
+    log = run(['tools/train.py', str(cfg), '--work-dir', str(work)], ROOT)
+    assert 'AtomShrinkHook: searching 16 channel units' in log
+    assert 'layer1.0: no expansion conv' in log  # what is not searched
+    assert re.search(r'AtomShrinkHook: removed \d+ atoms', log)
+    ckpt = torch.load(work / 'epoch_2.pth', weights_only=True)
+    widths = ckpt['meta']['channel_units']
+    assert len(widths) == 16 and ckpt['meta']['atomnas_arch'] == {}
+    history = ckpt['meta']['atomnas_history']
+    assert history[0]['flops'] == full
+    assert target <= history[-1]['flops'] <= 1.02 * target
+    hidden = ckpt['state_dict']['backbone.layer2.0.conv.1.conv.weight']
+    assert hidden.shape[0] == widths['backbone.layer2.0.conv.1.bn'][0] < 96
+    assert json.loads((work / 'searched_arch.json').read_text()) == dict(
+        channel_units=widths)
+
+    # the unedited search config tests the narrow checkpoint
+    log = run(['tools/test.py', str(cfg), str(work / 'epoch_2.pth'),
+               '--work-dir', str(tmp_path / 'test')], ROOT)
+    assert 'channel units narrowed to the checkpoint widths' in log
+    assert re.search(r'accuracy/top1: [0-9.]+', log)
+
+    # export: a standalone config (stock backbone, narrowed) and the weights
+    log = run(['tools/export_searched.py', str(work), '--out',
+               str(tmp_path / 'export'), '--name', 'mbv2'], ROOT)
+    text = (tmp_path / 'export' / 'mbv2.py').read_text()
+    assert "type='atomnas_mm.Narrowed'" in text and 'AtomShrinkHook' not in \
+        text and "type='MobileNetV2'" in text
+    assert json.loads((tmp_path / 'export' / 'channel_units.json')
+                      .read_text()) == widths
+    log = run(['tools/test.py', str(tmp_path / 'export' / 'mbv2.py'),
+               str(tmp_path / 'export' / 'mbv2.pth'),
+               '--work-dir', str(tmp_path / 'test2')], ROOT)
+    assert re.search(r'accuracy/top1: [0-9.]+', log)
+    exported = torch.load(tmp_path / 'export' / 'mbv2.pth',
+                          weights_only=True)
+    assert exported['meta']['channel_units'] == widths
+
+
+@pytest.mark.slow
+def test_stock_faster_rcnn_search_with_mmdet_tools(tmp_path):
+    pytest.importorskip('mmdet', reason='needs mmdet')
+    from mmdet.models.backbones import ResNet
+    from test_detection import SMALL_HEADS, child_config, mmdet_tool, \
+        write_coco
+    write_coco(str(tmp_path / 'coco'))
+    backbone = ResNet(50)
+    full = FLOPsCost(64).total(backbone)
+    pretrained = str(tmp_path / 'r50.pth')
+    torch.save(backbone.state_dict(), pretrained)
+    cfg = child_config(
+        str(tmp_path / 'search.py'),
+        osp.join(ROOT, 'configs/search/faster-rcnn_r50_fpn_1x_coco_search.py'),
+        str(tmp_path / 'coco'), pretrained, SMALL_HEADS['faster-rcnn'])
+    with open(cfg, 'a') as f:
+        f.write(f'''
+train_cfg = dict(max_epochs=2, val_interval=10)
+custom_hooks = [
+    dict(type='atomnas_mm.BNL1PenaltyHook', rho=1e-2, warmup_epochs=0),
+    dict(type='atomnas_mm.AtomShrinkHook', target=dict(flops={0.8 * full}),
+         deadline=0.5, follow_path=True, interval=1, by_epoch=False,
+         input_size=64)]
+log_level = 'INFO'
+''')
+    work = str(tmp_path / 'work')
+    log = mmdet_tool('train', [cfg, '--work-dir', work], tmp_path)
+    # stage 1 is frozen by the stock config: not searched, and said so
+    assert 'AtomShrinkHook: searching 26 channel units' in log
+    assert 'backbone.layer1.0.bn1: frozen' in log
+    ckpt = torch.load(osp.join(work, 'epoch_2.pth'), weights_only=True)
+    flops = ckpt['meta']['atomnas_history'][-1]['flops']
+    assert 0.8 * full <= flops <= 0.8 * full * 1.02
+    assert ckpt['meta']['channel_units']['backbone.layer3.0.bn2'][0] <= 256
+    log = mmdet_tool('test', [cfg, osp.join(work, 'epoch_2.pth'),
+                              '--work-dir', str(tmp_path / 'test')], tmp_path)
+    assert 'channel units narrowed to the checkpoint widths' in log
+    assert re.findall(r'coco/bbox_mAP: (-?[0-9.]+)', log), log[-3000:]
+    assert glob.glob(osp.join(work, '*', 'vis_data', 'scalars.json'))
