@@ -185,3 +185,15 @@ def test_shrink_model_and_reloading_by_widths():
                        "channel unit 'nope'"):
         narrow_to_widths(fresh, {'nope': [3]})
     assert plan_shrink(fresh) == {}  # nothing dead is left
+
+
+def test_a_cost_without_layer_costs_is_refused_for_channel_units():
+    """Latency tables describe AtomNAS blocks: a stock model's units cannot
+    be costed by them, and the error names the first unit."""
+    class TableCost:
+        def total(self, backbone):
+            return 1.0
+
+    with pytest.raises(SearchRefused, match=r'TableCost: costs AtomNAS '
+                       r'blocks only; layer2.0.conv.1.bn and the other'):
+        width_cost_of(STOCK['mobilenet-v2'](), TableCost())

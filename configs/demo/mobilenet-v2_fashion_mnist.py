@@ -17,7 +17,7 @@
 # broadcast each 1-channel image to 3 equal channels ((1, H, W) - (3, 1, 1)
 # -> (3, H, W)), so the backbone gets (N, 3, 28, 28); to_rgb stays off (the
 # flip would only act on 3-channel inputs anyway). Backbone multiply-adds at
-# 1x3x28x28: 3.82M (atomnas_mm.models.count_flops_params).
+# 1x3x28x28: 5.70M (atomnas_mm.models.count_flops_params).
 _base_ = ['./atomnas_fashion_mnist.py']
 
 model = dict(

@@ -10,7 +10,7 @@
 # 7x7 stride-2 stem and max-pool, stock strides, deep_stem=False) taking the
 # grey images directly (in_channels=1), with its GlobalAveragePooling neck and
 # LinearClsHead (512 -> 10). At 28 px the four stages run at 7, 4, 2 and 1
-# pixels: 33.3M backbone multiply-adds at 1x1x28x28.
+# pixels: 33.0M backbone multiply-adds at 1x1x28x28.
 _base_ = ['./atomnas_fashion_mnist.py']
 
 model = dict(
