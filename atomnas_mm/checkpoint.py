@@ -313,7 +313,9 @@ _mmengine_load_state_dict = getattr(mm_checkpoint.load_state_dict,
 def load_state_dict(module, state_dict, strict=False, logger=None):
     """mmengine's ``load_state_dict``, strict for AtomNAS models.
 
-    For a module without an AtomNAS backbone it is mmengine's function. For
+    For a module without an AtomNAS backbone it is mmengine's function,
+    after the module's channel units narrower in ``state_dict`` (a searched
+    stock model) are narrowed to it. For
     one with, every key must be in both and shapes must agree, whatever
     ``strict`` says. What can be decided before loading (the layers outside
     the backbones, a backbone without any key in the checkpoint) is checked
@@ -330,6 +332,11 @@ def load_state_dict(module, state_dict, strict=False, logger=None):
     """
     backbones = _atomnas_backbones(module)
     if not backbones:
+        from .search.shrink import narrow_to_state_dict
+        remap = narrow_to_state_dict(_unwrap(module), state_dict)
+        if remap:  # for AtomShrinkHook: optimizer and EMA copy follow
+            _unwrap(module).__dict__.setdefault('load_remap', {}).update(
+                remap)
         return _mmengine_load_state_dict(module, state_dict, strict, logger)
     # A backbone is in the checkpoint when some of its keys are (those of
     # the stem are in every architecture); it is checked after loading.

@@ -1,5 +1,7 @@
 """Every configuration the product cannot honour fails at build or in
 before_train, naming the field and the value (issue: nothing silent)."""
+import re
+
 import pytest
 import torch.nn as nn
 
@@ -144,3 +146,38 @@ def test_a_failing_shrink_leaves_everything_as_it_was():
     for k, v in net.state_dict().items():
         assert torch.equal(v, state[k]), k
     assert isinstance(net.layer2[0].expand.conv, nn.Conv2d)
+
+
+def test_a_target_near_the_floor_of_a_stock_model_is_warned_about(tmp_path):
+    """A budget that leaves almost every unit at one channel trains, with a
+    warning that says so, the floor and the full cost."""
+    import logging
+
+    from mmengine.logging import MMLogger
+
+    from atomnas_mm.search.costs import FLOPsCost
+    from atomnas_mm.search.shrink import width_cost_of
+    from mmpretrain.models import ResNet
+    backbone = dict(type='ResNet', depth=18, base_channels=8,
+                    stem_channels=8)
+    floor = width_cost_of(ResNet(18, base_channels=8, stem_channels=8),
+                          FLOPsCost(32)).smallest()
+    cfg = stock_cfg(tmp_path, backbone, 64)
+    cfg['train_cfg'] = dict(by_epoch=True, max_epochs=1, val_interval=1)
+    cfg['custom_hooks'] = [dict(
+        type='atomnas_mm.AtomShrinkHook', target=dict(flops=floor * 1.01),
+        follow_path=True, interval=1, by_epoch=False, input_size=32)]
+    runner = build(cfg)
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    MMLogger.get_current_instance().addHandler(handler)
+    try:
+        runner.train()
+    finally:
+        MMLogger.get_current_instance().removeHandler(handler)
+    messages = [r.getMessage() for r in records
+                if r.levelno == logging.WARNING]
+    assert any(re.search(r'AtomShrinkHook: the target [0-9.e+]+ is within '
+                         r'10% of the smallest net this model allows', m)
+               for m in messages), messages

@@ -155,3 +155,41 @@ log_level = 'INFO'
     assert 'channel units narrowed to the checkpoint widths' in log
     assert re.findall(r'coco/bbox_mAP: (-?[0-9.]+)', log), log[-3000:]
     assert glob.glob(osp.join(work, '*', 'vis_data', 'scalars.json'))
+
+
+@pytest.mark.slow
+def test_stock_search_resumes_and_runs_on_two_gloo_ranks(tmp_path):
+    from mmpretrain.models import MobileNetV2
+    target = 0.6 * FLOPsCost(32).total(MobileNetV2())
+    write_images(str(tmp_path / 'images'))
+    cfg = tmp_path / 'mbv2_search.py'
+    cfg.write_text(TINY_MBV2.format(
+        base=osp.join(ROOT, 'configs/search/mobilenet-v2_8xb32_in1k_search.py'),
+        data=str(tmp_path / 'images'), target=target))
+
+    # killed after epoch 1 (its checkpoint is narrower), resumed to the end
+    work = tmp_path / 'work'
+    run(['tools/train.py', str(cfg), '--work-dir', str(work),
+         '--cfg-options', 'train_cfg.max_epochs=1'], ROOT)
+    first = torch.load(work / 'epoch_1.pth', weights_only=True)
+    log = run(['tools/train.py', str(cfg), '--work-dir', str(work),
+               '--resume'], ROOT)
+    assert 'channel units narrowed to the checkpoint widths' in log
+    assert 'Epoch(train) [2][4/4]' in log and 'Epoch(train) [1]' not in log
+    last = torch.load(work / 'epoch_2.pth', weights_only=True)
+    assert target <= last['meta']['atomnas_history'][-1]['flops'] <= \
+        1.02 * target
+    for name, (width, ) in last['meta']['channel_units'].items():
+        assert width <= first['meta']['channel_units'][name][0]
+
+    # two CPU processes (gloo): the decision is taken on rank 0 and
+    # broadcast, the run lands the same way
+    dist = tmp_path / 'dist'
+    out = subprocess.run(
+        ['bash', osp.join(ROOT, 'tools/dist_train.sh'), str(cfg), '2',
+         '--work-dir', str(dist)], cwd=ROOT, env=ENV, capture_output=True,
+        text=True, timeout=600)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-5000:]
+    ckpt = torch.load(dist / 'epoch_2.pth', weights_only=True)
+    assert target <= ckpt['meta']['atomnas_history'][-1]['flops'] <= \
+        1.02 * target

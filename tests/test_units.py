@@ -197,3 +197,30 @@ def test_a_cost_without_layer_costs_is_refused_for_channel_units():
     with pytest.raises(SearchRefused, match=r'TableCost: costs AtomNAS '
                        r'blocks only; layer2.0.conv.1.bn and the other'):
         width_cost_of(STOCK['mobilenet-v2'](), TableCost())
+
+
+def test_get_model_narrows_a_stock_model_to_a_searched_checkpoint(tmp_path):
+    """mmpretrain's get_model(config, pretrained=ckpt) with the unedited
+    config of a stock model: the units narrow to the checkpoint's widths
+    while it loads (no hook involved)."""
+    from mmpretrain import get_model
+    cfg = tmp_path / 'mbv2.py'
+    cfg.write_text(
+        "model = dict(type='ImageClassifier', backbone=dict("
+        "type='MobileNetV2', widen_factor=0.5), neck=dict("
+        "type='GlobalAveragePooling'), head=dict(type='LinearClsHead', "
+        "num_classes=3, in_channels=1280))\n")
+    model = get_model(str(cfg))
+    units = find_units(model)
+    randomised(model.backbone)
+    plan = kill_every_other(units)
+    apply_plan(model, plan)
+    torch.save(dict(state_dict=model.state_dict(),
+                    meta=dict(channel_units=channel_widths(model))),
+               tmp_path / 'searched.pth')
+    loaded = get_model(str(cfg), pretrained=str(tmp_path / 'searched.pth'))
+    assert channel_widths(loaded) == channel_widths(model)
+    model.eval()
+    loaded.eval()
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(loaded(x), model(x))

@@ -82,7 +82,8 @@ class BudgetController:
 
     def start(self, widths):
         """Check the target against the model (fresh run); raise a
-        ValueError naming the value and the reachable range."""
+        ValueError naming the value and the reachable range. Returns the
+        range."""
         low, high = self.reachable(widths)
         if not low <= self.target <= high:
             raise ValueError(
@@ -91,6 +92,7 @@ class BudgetController:
                 f'(smallest net: every unit at its minimum width: residual '
                 f'AtomNAS blocks emptied, one channel left in the others)')
         self.initial_cost = widths.total
+        return low, high
 
     # -- control ----------------------------------------------------------------
     def path(self, progress):

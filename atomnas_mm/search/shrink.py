@@ -273,6 +273,26 @@ def narrow_to_widths(model, widths):
     return apply_plan(model, plan, fold=False)
 
 
+def narrow_to_state_dict(model, state_dict):
+    """Narrow the channel units of ``model`` whose gate is narrower in
+    ``state_dict`` (a searched checkpoint loaded into a stock model), before
+    the weights are loaded.
+
+    Returns:
+        dict[Parameter, ParamChange]: The parameter remapping (empty when
+        nothing changed).
+    """
+    widths = {}
+    for name, unit in find_units(model, frozen=True).items():
+        if isinstance(unit, AtomUnit):
+            continue  # AtomNAS narrows itself while loading
+        value = state_dict.get(f'{name}.weight')
+        if getattr(value, 'dim', lambda: 0)() == 1 and \
+                value.shape[0] < unit.num_channels:
+            widths[name] = [int(value.shape[0])]
+    return narrow_to_widths(model, widths) if widths else {}
+
+
 def shrink_model(model, threshold=1e-3, fold=True):
     """Remove dead channels from every unit of ``model``, in place.
 

@@ -18,6 +18,10 @@ _base_ = 'mmpretrain::mobilenet_v2/mobilenet-v2_8xb32_in1k.py'
 
 custom_imports = dict(imports=['atomnas_mm'], allow_failed_imports=False)
 
+# checkpoints written atomically, with the position within the epoch and the
+# random states: a kill at any moment resumes exactly (--resume)
+default_hooks = dict(checkpoint=dict(type='atomnas_mm.SafeCheckpointHook'))
+
 custom_hooks = [
     dict(type='atomnas_mm.BNL1PenaltyHook', rho=1e-4, warmup_epochs=1),
     dict(type='atomnas_mm.AtomShrinkHook', target=dict(flops=150e6),

@@ -109,13 +109,13 @@ class BNL1PenaltyHook(Hook):
                             f'{type(optim_wrapper).__name__}')
         model = runner.model.module if is_model_wrapper(runner.model) \
             else runner.model
-        narrowed = any(getattr(b, 'load_remap', None)
-                       for b in find_backbones(model).values())
+        narrowed = any(m.__dict__.get('load_remap')
+                       for m in model.modules())
         if narrowed and not any(type(h).__name__ == 'AtomShrinkHook'
                                 for h in runner.hooks):
             raise ValueError(
-                'BNL1PenaltyHook: the AtomNAS backbone narrowed itself to the '
-                'loaded checkpoint after the Runner built the optimizer; add '
+                'BNL1PenaltyHook: the model narrowed itself to the loaded '
+                'checkpoint after the Runner built the optimizer; add '
                 'atomnas_mm.AtomShrinkHook to custom_hooks (it makes the '
                 'optimizer and EMA follow) or build the backbone with the '
                 "checkpoint's arch (meta['atomnas_arch'], arch.json)")

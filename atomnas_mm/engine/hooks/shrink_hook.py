@@ -162,7 +162,15 @@ class AtomShrinkHook(Hook):
         check_optimizer(optim_wrapper.optimizer, model)
         if self.controller is not None and \
                 self.controller.initial_cost is None:
-            self.controller.start(width_cost_of(model, self.cost))
+            low, high = self.controller.start(width_cost_of(model, self.cost))
+            if self.controller.target - low < 0.1 * (high - low):
+                runner.logger.warning(
+                    f'AtomShrinkHook: the target {self.controller.target:.6g} '
+                    f'is within 10% of the smallest net this model allows '
+                    f'({low:.6g}, every unit at its minimum width; full '
+                    f'{high:.6g}): most units will be cut to a channel or '
+                    'two, expect a large accuracy loss (docs/'
+                    'search_any_model.md, "Budget and penalty")')
         if not self.history:  # a resumed run has its history already
             self._record(runner, runner.epoch, runner.iter, removed=None)
 
@@ -214,8 +222,8 @@ class AtomShrinkHook(Hook):
         # The live cost counts atoms dead in the live weights: the EMA copy
         # lags the penalty by its averaging window, a controller would wind
         # up waiting for it.
-        dead_now = plan_from_strengths(
-            model, atom_strengths(model, self.criterion), self.criterion)
+        live_strengths = atom_strengths(model, self.criterion)
+        dead_now = plan_from_strengths(model, live_strengths, self.criterion)
         live = total - removed_cost(model, dead_now, self.cost)
         progress = (runner.iter + 1) / runner.max_iters
         if not self.follow_path:  # the removals follow the path instead
@@ -244,6 +252,11 @@ class AtomShrinkHook(Hook):
         candidates = {name: torch.ones_like(s, dtype=torch.bool) if force
                       else self.criterion.dead(s)
                       for name, s in strengths.items()}
+        if self.follow_path and force:
+            # rank by the live scales: the channels a unit keeps must be
+            # alive now (a unit left with scales only the EMA remembers
+            # outputs a constant and cuts the network)
+            strengths = live_strengths
         plan, after = controller.cap(width_cost_of(model, self.cost),
                                      strengths, candidates, floor)
         return plan, controller.lands(after)
@@ -283,7 +296,9 @@ class AtomShrinkHook(Hook):
         bound = max(units[name].error_bound(keep)
                     for name, keep in plan.items())
         if bound > 1e-6:
-            runner.logger.warning(
+            # following the path, live channels go: the bound is a detail
+            (runner.logger.info if self.follow_path else
+             runner.logger.warning)(
                 f'AtomShrinkHook: removed channels whose constant output is '
                 f'not folded exactly (SE gates, padded convs); eval outputs '
                 f'of their consumers may change by up to {bound:.3g} '
@@ -333,14 +348,15 @@ class AtomShrinkHook(Hook):
         EMA copy taking the loaded weights."""
         model = self._model(runner)
         remap = {}
-        for backbone in find_backbones(model).values():
-            remap.update(backbone.__dict__.pop('load_remap', {}))
+        for module in model.modules():
+            remap.update(module.__dict__.pop('load_remap', {}))
         if not remap:
             return
-        archs = current_archs(model)
+        archs, widths = current_archs(model), channel_widths(model)
 
         def narrow_ema(ema):
             reshape_to_arch(ema, archs)
+            narrow_to_widths(ema, widths)
             ema.load_state_dict(model.state_dict())
 
         self._update_holders(runner, remap, narrow_ema)
