@@ -15,7 +15,7 @@ def _unwrap(model):
     return model.module if is_model_wrapper(model) else model
 
 
-def penalised_atoms(model, weights=None):
+def penalised_atoms(model, weights=None, units=None):
     """Gammas and penalty weights of every channel unit of ``model``.
 
     Args:
@@ -23,13 +23,16 @@ def penalised_atoms(model, weights=None):
         weights (dict, optional): ``{unit name: float}``, the weight of the
             channels of units that are not AtomNAS blocks (1 when missing);
             an AtomNAS block's atoms carry theirs (``atom_cost``).
+        units (dict, optional): The model's units (found when None; a hook
+            passes the ones it found once: units stay valid across shrinks).
 
     Returns:
         tuple[list[Tensor], list[Tensor]]: Per unit, the gammas in channel
         order and the matching weights.
     """
     gammas, costs = [], []
-    for name, unit in find_units(_unwrap(model)).items():
+    units = find_units(_unwrap(model)) if units is None else units
+    for name, unit in units.items():
         if not unit.num_channels:
             continue
         gamma = unit.gammas()
@@ -46,17 +49,17 @@ def _weights(unit, name, weights, like):
                       device=like.device)
 
 
-def bn_l1_penalty(model, weights=None):
+def bn_l1_penalty(model, weights=None, units=None):
     """Resource-aware L1 penalty ``sum_channels p * |gamma|``.
 
     Args:
         model (nn.Module): A model, possibly wrapped (DDP).
-        weights (dict, optional): See :func:`penalised_atoms`.
+        weights, units (dict, optional): See :func:`penalised_atoms`.
 
     Returns:
         Tensor: A differentiable scalar; 0 when there is no unit.
     """
-    gammas, costs = penalised_atoms(model, weights)
+    gammas, costs = penalised_atoms(model, weights, units)
     if not gammas:
         return _zero(model)
     gamma = torch.cat(gammas)
@@ -65,7 +68,7 @@ def bn_l1_penalty(model, weights=None):
 
 
 @torch.no_grad()
-def proximal_l1_step(model, optimizer, rho, weights=None):
+def proximal_l1_step(model, optimizer, rho, weights=None, units=None):
     """Apply the penalty as its proximal operator after an optimizer step.
 
     Every channel's gamma becomes ``sign(gamma) * max(|gamma| - lr * rho *
@@ -83,11 +86,12 @@ def proximal_l1_step(model, optimizer, rho, weights=None):
         model (nn.Module): A model, possibly wrapped (DDP).
         optimizer (torch.optim.Optimizer): The optimizer that just stepped.
         rho (float): The penalty strength.
-        weights (dict, optional): See :func:`penalised_atoms`.
+        weights, units (dict, optional): See :func:`penalised_atoms`.
     """
     lrs = {p: group['lr'] for group in optimizer.param_groups
            for p in group['params']}
-    for name, unit in find_units(_unwrap(model)).items():
+    units = find_units(_unwrap(model)) if units is None else units
+    for name, unit in units.items():
         if not unit.num_channels:
             continue
         gammas = unit.gammas()

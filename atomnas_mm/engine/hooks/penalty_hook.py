@@ -100,6 +100,7 @@ class BNL1PenaltyHook(Hook):
         self._wrapped = None
         self._step_hook = None
         self.unit_weights = None
+        self.units = None
 
     def before_train(self, runner):
         optim_wrapper = runner.optim_wrapper
@@ -121,6 +122,7 @@ class BNL1PenaltyHook(Hook):
                 "checkpoint's arch (meta['atomnas_arch'], arch.json)")
         units = require_units(model, where='BNL1PenaltyHook')[0] \
             if self.rho != 0 else {}
+        self.units = units  # modules stay: valid across shrinks
         controller = self._controller(runner)
         self._proximal = controller is not None if self.proximal is None \
             else self.proximal
@@ -153,7 +155,7 @@ class BNL1PenaltyHook(Hook):
                     stepped[0] = runner.iter
                     proximal_l1_step(runner.model, optimizer,
                                      self.schedule_of(runner)(runner.iter),
-                                     self.unit_weights)
+                                     self.unit_weights, self.units)
 
             self._step_hook = optim_wrapper.optimizer.register_step_post_hook(
                 after_step)
@@ -223,10 +225,12 @@ class BNL1PenaltyHook(Hook):
         loss = 0.0
         if self.rho != 0 and self._proximal:  # applied after the step
             with torch.no_grad():
-                penalty = bn_l1_penalty(runner.model, self.unit_weights)
+                penalty = bn_l1_penalty(runner.model, self.unit_weights,
+                                        self.units)
             scalars.update(penalty_l1=penalty, loss_penalty=rho * penalty)
         elif self.rho != 0:  # rho=0: weight decay only (retraining)
-            penalty = bn_l1_penalty(runner.model, self.unit_weights)
+            penalty = bn_l1_penalty(runner.model, self.unit_weights,
+                                    self.units)
             loss = rho * penalty
             scalars.update(penalty_l1=penalty.detach(),
                            loss_penalty=loss.detach())

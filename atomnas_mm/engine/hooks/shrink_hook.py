@@ -222,8 +222,8 @@ class AtomShrinkHook(Hook):
         # The live cost counts atoms dead in the live weights: the EMA copy
         # lags the penalty by its averaging window, a controller would wind
         # up waiting for it.
-        live_strengths = atom_strengths(model, self.criterion)
-        dead_now = plan_from_strengths(model, live_strengths, self.criterion)
+        dead_now = plan_from_strengths(
+            model, atom_strengths(model, self.criterion), self.criterion)
         live = total - removed_cost(model, dead_now, self.cost)
         progress = (runner.iter + 1) / runner.max_iters
         if not self.follow_path:  # the removals follow the path instead
@@ -252,11 +252,6 @@ class AtomShrinkHook(Hook):
         candidates = {name: torch.ones_like(s, dtype=torch.bool) if force
                       else self.criterion.dead(s)
                       for name, s in strengths.items()}
-        if self.follow_path and force:
-            # rank by the live scales: the channels a unit keeps must be
-            # alive now (a unit left with scales only the EMA remembers
-            # outputs a constant and cuts the network)
-            strengths = live_strengths
         plan, after = controller.cap(width_cost_of(model, self.cost),
                                      strengths, candidates, floor)
         return plan, controller.lands(after)
