@@ -15,6 +15,7 @@ import torch
 
 import atomnas_mm  # noqa: F401
 from atomnas_mm.search.costs import FLOPsCost
+from test_configs_tools import _write_images
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 ENV = dict(os.environ, PYTHONWARNINGS='ignore', OMP_NUM_THREADS='1')
@@ -27,17 +28,6 @@ def run(args, cwd, timeout=600):
     log = out.stdout + out.stderr
     assert out.returncode == 0, log[-5000:]
     return log
-
-
-def write_images(root, per_class=4):
-    import cv2
-    import numpy as np
-    rng = np.random.default_rng(0)
-    for cls in ('cat', 'dog'):
-        os.makedirs(osp.join(root, cls), exist_ok=True)
-        for i in range(per_class):
-            img = rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)
-            cv2.imwrite(osp.join(root, cls, f'{i}.png'), img)
 
 
 # mmpretrain's MobileNetV2 recipe + the search hooks, unchanged but for tiny
@@ -67,16 +57,22 @@ custom_hooks = [
 """
 
 
-@pytest.mark.slow
-def test_stock_mobilenet_v2_search_train_test_export(tmp_path):
+def tiny_mbv2_search(tmp_path):
+    """The shipped MobileNetV2 search config on tiny data, the target 60%
+    of the backbone's FLOPs at 32 px; returns (config, full, target)."""
     from mmpretrain.models import MobileNetV2
     full = FLOPsCost(32).total(MobileNetV2())
-    target = 0.6 * full
-    write_images(str(tmp_path / 'images'))
+    _write_images(str(tmp_path / 'images'), num_per_class=4)
     cfg = tmp_path / 'mbv2_search.py'
     cfg.write_text(TINY_MBV2.format(
         base=osp.join(ROOT, 'configs/search/mobilenet-v2_8xb32_in1k_search.py'),
-        data=str(tmp_path / 'images'), target=target))
+        data=str(tmp_path / 'images'), target=0.6 * full))
+    return cfg, full, 0.6 * full
+
+
+@pytest.mark.slow
+def test_stock_mobilenet_v2_search_train_test_export(tmp_path):
+    cfg, full, target = tiny_mbv2_search(tmp_path)
     work = tmp_path / 'work'
     log = run(['tools/train.py', str(cfg), '--work-dir', str(work)], ROOT)
     assert 'AtomShrinkHook: searching 16 channel units' in log
@@ -159,13 +155,7 @@ log_level = 'INFO'
 
 @pytest.mark.slow
 def test_stock_search_resumes_and_runs_on_two_gloo_ranks(tmp_path):
-    from mmpretrain.models import MobileNetV2
-    target = 0.6 * FLOPsCost(32).total(MobileNetV2())
-    write_images(str(tmp_path / 'images'))
-    cfg = tmp_path / 'mbv2_search.py'
-    cfg.write_text(TINY_MBV2.format(
-        base=osp.join(ROOT, 'configs/search/mobilenet-v2_8xb32_in1k_search.py'),
-        data=str(tmp_path / 'images'), target=target))
+    cfg, _, target = tiny_mbv2_search(tmp_path)
 
     # killed after epoch 1 (its checkpoint is narrower), resumed to the end
     work = tmp_path / 'work'
