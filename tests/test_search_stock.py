@@ -1,5 +1,5 @@
 """Searching stock models the way users run it: configs/search (mmpretrain's
-MobileNetV2 recipe, mmdet's Faster R-CNN) on tiny data through
+MobileNetV2 recipe, mmdet's Faster R-CNN and RetinaNet) on tiny data through
 tools/train.py, tools/test.py, tools/export_searched.py and mmdet's own
 tools, in subprocesses."""
 import glob
@@ -113,7 +113,8 @@ def test_stock_mobilenet_v2_search_train_test_export(tmp_path):
 
 
 @pytest.mark.slow
-def test_stock_faster_rcnn_search_with_mmdet_tools(tmp_path):
+@pytest.mark.parametrize('detector', ['faster-rcnn', 'retinanet'])
+def test_stock_detector_search_with_mmdet_tools(detector, tmp_path):
     pytest.importorskip('mmdet', reason='needs mmdet')
     from mmdet.models.backbones import ResNet
     from test_detection import SMALL_HEADS, child_config, mmdet_tool, \
@@ -125,8 +126,8 @@ def test_stock_faster_rcnn_search_with_mmdet_tools(tmp_path):
     torch.save(backbone.state_dict(), pretrained)
     cfg = child_config(
         str(tmp_path / 'search.py'),
-        osp.join(ROOT, 'configs/search/faster-rcnn_r50_fpn_1x_coco_search.py'),
-        str(tmp_path / 'coco'), pretrained, SMALL_HEADS['faster-rcnn'])
+        osp.join(ROOT, f'configs/search/{detector}_r50_fpn_1x_coco_search.py'),
+        str(tmp_path / 'coco'), pretrained, SMALL_HEADS[detector])
     with open(cfg, 'a') as f:
         f.write(f'''
 train_cfg = dict(max_epochs=2, val_interval=10)
