@@ -38,16 +38,21 @@ It also makes checkpoints safe to write and clear to read:
   :class:`CheckpointMismatchError` naming the keys instead of a warning.
 """
 import copyreg
+import glob
+import logging
 import os.path as osp
 import pickle
 import zipfile
 
 import mmengine.runner
+import mmengine.runner._flexible_runner as _flexible_runner
 import mmengine.runner.checkpoint as mm_checkpoint
+import mmengine.runner.runner
 import numpy as np
 import torch
 from mmengine.dist import is_main_process
 from mmengine.hooks import CheckpointHook
+from mmengine.logging import print_log
 from mmengine.logging.history_buffer import HistoryBuffer
 from mmengine.model import BaseTTAModel, is_model_wrapper
 from mmengine.runner.checkpoint import CheckpointLoader
@@ -194,6 +199,61 @@ def load_from_local(filename, map_location):
 
 CheckpointLoader.register_scheme(prefixes='', loader=load_from_local,
                                  force=True)
+
+
+def checkpoint_damage(filename):
+    """Why ``filename`` cannot be resumed from (None when it looks intact:
+    it exists and its zip records pass their CRC-32 check)."""
+    if not osp.isfile(filename):
+        return 'missing'
+    try:
+        return _zip_check(filename)[0]
+    except OSError as e:
+        return str(e)
+
+
+_mmengine_find_latest = mm_checkpoint.find_latest_checkpoint
+
+
+def find_latest_checkpoint(path):
+    """mmengine's ``find_latest_checkpoint`` that skips damaged files.
+
+    ``last_checkpoint`` names the newest checkpoint. When that file is
+    missing or damaged (truncated by a full disk, a kill of a writer that
+    is not atomic), the newest intact ``*.pth`` beside it is returned
+    instead, with a warning naming the file skipped. When none is intact,
+    the named file is returned: loading it raises an error naming it.
+
+    Args:
+        path (str): The work_dir.
+
+    Returns:
+        str | None: The checkpoint to resume from.
+    """
+    last = _mmengine_find_latest(path)
+    if last is None or '://' in last:
+        return last
+    damage = checkpoint_damage(last)
+    if damage is None:
+        return last
+    folders = dict.fromkeys([osp.dirname(osp.abspath(last)),
+                             osp.abspath(path)])
+    candidates = sorted(
+        {f for folder in folders for f in glob.glob(
+            osp.join(glob.escape(folder), '*.pth'))} - {osp.abspath(last)},
+        key=osp.getmtime, reverse=True)
+    for candidate in candidates:
+        if checkpoint_damage(candidate) is None:
+            print_log(f'The latest checkpoint {last} cannot be resumed from '
+                      f'({damage}); resuming from the newest intact one, '
+                      f'{candidate}: the training since then is repeated.',
+                      logger='current', level=logging.WARNING)
+            return candidate
+    return last
+
+
+for _module in (mmengine.runner.runner, _flexible_runner):
+    _module.find_latest_checkpoint = find_latest_checkpoint
 
 
 # -- loading into a model ---------------------------------------------------
@@ -436,8 +496,11 @@ class SafeCheckpointHook(CheckpointHook):
                 ext = osp.splitext(self.filename_tmpl)[1]
                 remove_stale_temp_files(
                     self.out_dir, lambda name: name.endswith(ext))
+                # and those of the other files a run writes there (a kill
+                # while searched_arch.json or a picture was written)
                 remove_stale_temp_files(
-                    runner.work_dir, lambda name: name == 'last_checkpoint')
+                    runner.work_dir, lambda name: name == 'last_checkpoint'
+                    or name.endswith(('.json', '.png', ext)))
             self._remove_pending(runner)
 
     def _path(self, step):

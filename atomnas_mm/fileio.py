@@ -56,7 +56,8 @@ def atomic_write_bytes(path, data):
 
     Raises:
         OSError: When the write fails (e.g. full disk); ``path`` is then
-            unchanged and the temporary file removed.
+            unchanged and the temporary file removed. The error's
+            ``filename`` is ``path``.
     """
     path = os.fspath(path)
     folder = osp.dirname(osp.abspath(path))
@@ -68,11 +69,15 @@ def atomic_write_bytes(path, data):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.remove(tmp)
         except OSError:
             pass
+        if isinstance(e, OSError) and e.filename in (None, tmp):
+            # Name the file the caller asked for, not the temporary one
+            # (a full disk otherwise reads as a bare "[Errno 28]").
+            raise OSError(e.errno, e.strerror or str(e), path) from e
         raise
     _fsync_folder(folder)
     return path

@@ -9,6 +9,7 @@ checked (``atomnas_mm.datasets.check_data``): a missing dataset stops the
 run with one line saying how to get it.
 """
 import argparse
+import errno
 import os
 import os.path as osp
 import sys
@@ -168,21 +169,91 @@ def main(argv=None):
     check_data(cfg, ('train', 'val') if cfg.get('val_cfg') else ('train', ))
     cpu_ddp_workaround(cfg)
 
-    if 'runner_type' not in cfg:
-        runner = Runner.from_cfg(cfg)
-    else:
-        runner = RUNNERS.build(cfg)
+    lock = None
+    if global_rank() == 0:
+        from atomnas_mm.engine.runner_lock import WorkDirLock
+        lock = WorkDirLock(osp.abspath(cfg.work_dir))
+        lock.acquire()  # WorkDirBusyError: another live run holds it
+        if lock.stale_message():
+            print(f'{osp.basename(sys.argv[0])}: warning: '
+                  f'{lock.stale_message()}', file=sys.stderr)
+    try:
+        if 'runner_type' not in cfg:
+            runner = Runner.from_cfg(cfg)
+        else:
+            runner = RUNNERS.build(cfg)
 
-    runner.train()
+        runner.train()
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFullError(disk_full_message(e, cfg.work_dir)) from e
+        raise
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+class DiskFullError(RuntimeError):
+    """A write failed for lack of space (the message says what to do)."""
+
+
+def global_rank():
+    """This process's rank from the launcher's environment (0 alone)."""
+    for name in ('RANK', 'SLURM_PROCID', 'OMPI_COMM_WORLD_RANK'):
+        if os.environ.get(name, '').isdigit():
+            return int(os.environ[name])
+    return 0
+
+
+def file_being_written(error):
+    """The file a failed write was for: the error's ``filename``, else the
+    innermost file object open for writing in the failing frames (a
+    ``write`` or ``close`` error carries no name). None if not found."""
+    if error.filename:
+        return os.fsdecode(error.filename)
+    import io
+    tb, frames = error.__traceback__, []
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    for frame in reversed(frames):
+        for value in frame.f_locals.values():
+            name = getattr(value, 'name', None)
+            mode = getattr(value, 'mode', '')
+            if isinstance(value, io.IOBase) and isinstance(name, str) and \
+                    isinstance(mode, str) and set(mode) & set('wax+'):
+                return name
+    return None
+
+
+def disk_full_message(error, work_dir):
+    """What failed, what is intact, how to go on."""
+    last = None
+    try:
+        with open(osp.join(work_dir, 'last_checkpoint')) as f:
+            last = f.read().strip() or None
+    except OSError:
+        pass
+    name = file_being_written(error)
+    what = (f'{name} could not be written' if name else
+            'a file could not be written')
+    intact = (f'the last complete checkpoint, {last}, is intact (checkpoints '
+              'are written to a temporary name and renamed when complete)'
+              if last else 'no checkpoint had been written yet')
+    again = ('run the same command with --resume to continue from it' if last
+             else 'run the same command again')
+    return (f'disk full: {what} ({error.strerror or error}); {intact}. Free '
+            f'space on the disk of {osp.abspath(work_dir)}, then {again}.')
 
 
 if __name__ == '__main__':
     try:
         import_atomnas_mm()
         from atomnas_mm.datasets import DatasetNotFoundError
+        from atomnas_mm.engine.runner_lock import WorkDirBusyError
     except ImportError:  # the traceback says what is missing
-        DatasetNotFoundError = ()
+        DatasetNotFoundError = WorkDirBusyError = ()
     try:
         main()
-    except DatasetNotFoundError as e:
+    except (DatasetNotFoundError, WorkDirBusyError, DiskFullError) as e:
         sys.exit(f'{osp.basename(sys.argv[0])}: error: {e}')
