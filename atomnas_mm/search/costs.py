@@ -444,6 +444,11 @@ def width_cost(model, cost, units, total):
             names = tuple(n for n in dict.fromkeys((src, dst)) if n)
             terms.append((names, _layer_term(cost, layer, src, dst, depthwise,
                                              positions.get(layer, 0))))
+        for name, unit in channel_units.items():
+            if unit.pooled is not None and positions:  # FLOPs only
+                per = positions.get(unit.pooled, 0)
+                terms.append(((name, ), lambda state, name=name, per=per:
+                              per * state[name][0]))
     return WidthCost(total, units, terms)
 
 

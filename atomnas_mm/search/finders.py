@@ -84,6 +84,61 @@ class MobileNetV2Finder:
 
 
 @SEARCH.register_module()
+class InvertedResidualFinder:
+    """The hidden channels of mmpretrain's ``utils.InvertedResidual``
+    (MobileNetV3, EfficientNet): ``expand_conv``, ``depthwise_conv``,
+    optional ``se`` (SELayer), ``linear_conv``, ConvModules.
+
+    Unit ``<block>.depthwise_conv.bn``: gated by the depthwise BN; produced
+    by the expand conv and BN, the depthwise conv and the SE's excite conv;
+    read by the SE's squeeze conv (a removed channel's pooled constant goes
+    into its bias: exact) and by the projection, whose BN takes the
+    constant (exact without SE; with SE the constant passes the
+    input-dependent gate: bounded). Blocks without an expand conv are
+    skipped.
+    """
+
+    def __call__(self, model, skipped, claimed):
+        for name, block in _named(model, claimed, {'InvertedResidual'}):
+            if not hasattr(block, 'depthwise_conv') or not hasattr(
+                    block, 'linear_conv'):
+                continue
+            if not getattr(block, 'with_expand_conv', False):
+                skipped.append((name, 'no expansion conv: its hidden '
+                                'channels are the block input, not searched'))
+                continue
+            expand, dw, project = (block.expand_conv, block.depthwise_conv,
+                                   block.linear_conv)
+            se = block.se if getattr(block, 'with_se', False) else None
+            hidden = dw.conv.out_channels
+            layout = (_plain_conv(expand.conv) and _plain_conv(project.conv)
+                      and all(_bn(getattr(c, 'norm', None))
+                              for c in (expand, dw, project))
+                      and dw.conv.groups == hidden == dw.conv.in_channels)
+            if se is not None:
+                layout = layout and all(
+                    _plain_conv(c.conv) and c.conv.bias is not None and
+                    not c.with_norm for c in (se.conv1, se.conv2)) and \
+                    se.conv2.conv.out_channels == hidden
+            if not layout:
+                skipped.append((name, 'not the expand/depthwise/(SE)/project '
+                                'layout with BNs: not searched'))
+                continue
+            claimed.add(id(block))
+            producers = [expand.conv, expand.norm, dw.conv, dw.norm]
+            consumers = [(project.conv, project.norm)]
+            if se is not None:
+                producers.append(se.conv2.conv)
+                consumers.insert(0, (se.conv1.conv, 'bias'))
+            yield ChannelUnit(
+                f'{name}.depthwise_conv.{dw.norm_name}', dw.norm,
+                producers=producers, consumers=consumers,
+                act=dw.activate if dw.with_activation else None,
+                gated=project.conv if se is not None else None,
+                pooled=dw.conv if se is not None else None)
+
+
+@SEARCH.register_module()
 class ResNetFinder:
     """The inner channels of ResNet blocks (mmpretrain's and mmdet's
     ``BasicBlock`` and ``Bottleneck``; also ResNetV1c/V1d, ResNet-D stems
@@ -136,4 +191,5 @@ class ResNetFinder:
 
 #: Finders tried on every model, in this order (a module claimed by one is
 #: not offered to the next).
-DEFAULT_FINDERS = (AtomNASFinder(), MobileNetV2Finder(), ResNetFinder())
+DEFAULT_FINDERS = (AtomNASFinder(), MobileNetV2Finder(),
+                   InvertedResidualFinder(), ResNetFinder())

@@ -56,19 +56,23 @@ class ChannelUnit:
         gated (nn.Module, optional): A consumer whose input is the unit's
             output times an input-dependent gate (SE): its fold is not
             exact.
+        pooled (nn.Module, optional): A producer whose output is globally
+            average-pooled (an SE's input): the pooling costs its output
+            positions per channel.
     """
 
     kind = 'channels'
     min_width = 1
 
     def __init__(self, name, gate, producers, consumers, act=None,
-                 gated=None):
+                 gated=None, pooled=None):
         self.name = name
         self.gate = gate
         self.producers = list(producers)
         self.consumers = list(consumers)
         self.act = act
         self.gated = gated
+        self.pooled = pooled
 
     # -- what it is ---------------------------------------------------------
     @property
@@ -338,8 +342,8 @@ def require_units(model, finders=None, where='search'):
     if not units:
         detail = describe_skipped(skipped) if skipped else \
             '  no BN-gated channels that a finder knows (AtomNAS blocks, ' \
-            'mmpretrain MobileNetV2 inverted residuals, mmpretrain/mmdet ' \
-            'ResNet blocks)'
+            'mmpretrain MobileNetV2/V3 and EfficientNet inverted residuals, ' \
+            'mmpretrain/mmdet ResNet blocks)'
         raise SearchRefused(f'{where}: the model has no searchable channel '
                             f'unit:\n{detail}')
     return units, skipped
