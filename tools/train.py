@@ -251,9 +251,11 @@ if __name__ == '__main__':
         import_atomnas_mm()
         from atomnas_mm.datasets import DatasetNotFoundError
         from atomnas_mm.engine.runner_lock import WorkDirBusyError
+        from atomnas_mm.engine.search_settings import SearchSettingsChanged
     except ImportError:  # the traceback says what is missing
-        DatasetNotFoundError = WorkDirBusyError = ()
+        DatasetNotFoundError = WorkDirBusyError = SearchSettingsChanged = ()
     try:
         main()
-    except (DatasetNotFoundError, WorkDirBusyError, DiskFullError) as e:
+    except (DatasetNotFoundError, WorkDirBusyError, DiskFullError,
+            SearchSettingsChanged) as e:
         sys.exit(f'{osp.basename(sys.argv[0])}: error: {e}')

@@ -366,10 +366,14 @@ class AtomShrinkHook(Hook):
         meta['atomnas_history'] = self.history  # for flops.png after resume
         if self.controller is not None:
             meta['atomnas_budget'] = self.controller.state_dict()
+        from ..search_settings import record  # checked on resume
+        record(runner, checkpoint)
 
     def after_load_checkpoint(self, runner, checkpoint):
         meta = checkpoint.get('meta', {})
         if runner._resume:
+            from ..search_settings import check_resume
+            check_resume(runner, checkpoint)  # SearchSettingsChanged
             self.history = list(meta.get('atomnas_history', []))
             if self.controller is not None and 'atomnas_budget' in meta:
                 self.controller.load_state_dict(meta['atomnas_budget'])
