@@ -55,6 +55,15 @@ class BudgetController:
             raise ValueError(f'deadline: a fraction of training in (0, 1], '
                              f'got {deadline!r}')
         self.tolerance = check_number('tolerance', tolerance)
+        if not 0 < self.tolerance <= 0.5:
+            # the net lands in [target, target * (1 + tolerance)]
+            raise ValueError(
+                f'tolerance: must be in (0, 0.5], got {tolerance!r}: the net '
+                'lands anywhere in [target, target * (1 + tolerance)]; with 0 '
+                'it never lands (shrinks stop at or above the target, rarely '
+                'on it, so the penalty never turns off), above 0.5 a net far '
+                'above the target lands (5 lands the supernet at the first '
+                'check with nothing removed)')
         self.gain = check_number('gain', gain)
         if self.key == 'latency_ms':
             if latency_table is None:

@@ -213,6 +213,8 @@ class LatencyCost:
     """
 
     def __init__(self, table):
+        self.source = table if isinstance(table, str) else \
+            'the table given as a dict'
         if isinstance(table, str):
             import json
             try:
@@ -229,20 +231,24 @@ class LatencyCost:
                 f'{TABLE_VERSION} (curves up to the block width, one group '
                 'of the largest kernel); measure it again with '
                 'tools/analysis_tools/atom_latency_table.py')
+        from .latency import check_table
+        check_table(table, self.source)  # finite, >= 0: names the field
         self.table = _monotone(table)
 
     def _entries(self, backbone):
         entries = self.table['blocks']
         blocks = backbone.blocks()
         if len(entries) != len(blocks):
-            raise ValueError(f'table: {len(entries)} blocks, the backbone has '
+            raise ValueError(f'table: {len(entries)} blocks in '
+                             f'{self.source}, the backbone has '
                              f'{len(blocks)}; measure a table for this net')
         for i, (entry, block) in enumerate(zip(entries, blocks)):
             geometry = (block.in_channels, block.out_channels, block.stride)
             if tuple(entry['geometry']) != geometry:
                 raise ValueError(f'table: block {i} was measured with (in, '
                                  f'out, stride) {tuple(entry["geometry"])}, '
-                                 f'the backbone has {geometry}')
+                                 f'the backbone has {geometry} (in '
+                                 f'{self.source})')
         return zip(entries, blocks)
 
     @staticmethod

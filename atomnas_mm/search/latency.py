@@ -139,3 +139,79 @@ def compare(table, backbones, device='cpu', batch=1, min_run_time=0.2):
         measured = measure_ms(net.to(device), x, min_run_time)
         rows.append((name, predicted, measured))
     return rows
+
+
+MAX_MS = 1e6  # 1000 s: no block takes that long; a table is in ms
+
+
+def check_table(table, where):
+    """Check the numbers of a latency table on load.
+
+    Every latency (``stem_ms``, ``head_ms``, each block's ``base_ms``,
+    ``empty_ms`` and curve samples) must be a finite number of milliseconds
+    in ``[0, 1e6]``, and each curve's widths positive, increasing integers,
+    one per sample. A negative sample made a search land at an impossible
+    latency, a NaN was blamed on the target and 1e300 overflowed in torch.
+
+    Args:
+        table (dict): The table (version already checked).
+        where (str): How to name it in messages (its path).
+
+    Raises:
+        ValueError: Naming ``where``, the field and why.
+    """
+    import math
+
+    def bad(field, value, why):
+        raise ValueError(
+            f'table: {where}: {field} = {value!r}: {why}; measure the table '
+            'again with tools/analysis_tools/atom_latency_table.py')
+
+    def check_ms(field, value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            bad(field, value, 'a latency must be a number of milliseconds')
+        if not math.isfinite(value):
+            bad(field, value, 'a latency must be finite (a failed '
+                'measurement?)')
+        if value < 0:
+            bad(field, value, 'a latency cannot be negative')
+        if value > MAX_MS:
+            bad(field, value, f'over {MAX_MS:g} ms (1000 s) is no latency of '
+                'a block; a table is in milliseconds')
+
+    check_ms('stem_ms', table.get('stem_ms'))
+    check_ms('head_ms', table.get('head_ms'))
+    blocks = table.get('blocks')
+    if not isinstance(blocks, list):
+        bad('blocks', blocks, 'must be a list with one entry per block')
+    for i, entry in enumerate(blocks):
+        name = f'blocks[{i}]'
+        if not isinstance(entry, dict):
+            bad(name, entry, 'must be a dict')
+        for key in ('base_ms', 'empty_ms'):
+            check_ms(f'{name}.{key}', entry.get(key))
+        geometry = entry.get('geometry')
+        if not (isinstance(geometry, list) and len(geometry) == 3 and all(
+                isinstance(g, int) and not isinstance(g, bool) and g > 0
+                for g in geometry)):
+            bad(f'{name}.geometry', geometry,
+                'must be [in_channels, out_channels, stride]')
+        kernels = entry.get('kernels')
+        if not isinstance(kernels, dict) or not kernels:
+            bad(f'{name}.kernels', kernels,
+                'must map each kernel size to its curve')
+        for k, curve in kernels.items():
+            field = f'{name}.kernels[{k!r}]'
+            widths = curve.get('widths') if isinstance(curve, dict) else None
+            samples = curve.get('ms') if isinstance(curve, dict) else None
+            if not (isinstance(widths, list) and isinstance(samples, list)
+                    and widths and len(widths) == len(samples)):
+                bad(field, curve, 'must hold "widths" and "ms", one sample '
+                    'per width')
+            if not all(isinstance(w, int) and not isinstance(w, bool)
+                       and w > 0 for w in widths) or any(
+                           a >= b for a, b in zip(widths, widths[1:])):
+                bad(f'{field}.widths', widths,
+                    'must be increasing positive integers')
+            for j, value in enumerate(samples):
+                check_ms(f'{field}.ms[{j}]', value)
