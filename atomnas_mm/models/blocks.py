@@ -210,6 +210,11 @@ class AtomicBlock(BaseModule):
             optimizer and the EMA copy.
         """
         keep = self.check_keep(keep)
+        # The cached forward state and inference form hold the modules and
+        # tensors about to be replaced: drop them now, so that the memory is
+        # free when the shrink returns (not at the next forward).
+        _FORWARD_STATE.pop(self, None)
+        _INFERENCE_CACHE.pop(self, None)
         removed = self._removed_mask(keep)
         remap = {}
         if fold and removed.any():
