@@ -1,10 +1,13 @@
 """atomnas_mm: AtomNAS for the OpenMMLab ecosystem."""
+import atexit
 import os
 import os.path as osp
 import shutil
 import sys
+import tempfile
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
 
 HERE = osp.dirname(osp.abspath(__file__))
 
@@ -16,34 +19,67 @@ def read_requirements(name):
         return [line for line in lines if line]
 
 
-def add_mim_extension():
-    """Put configs/ and tools/ into atomnas_mm/.mim so that mim finds them.
+MIM_ITEMS = ('configs', 'tools', 'model-index.yml')
 
-    Symlinks for editable installs, copies for wheels and plain installs.
+
+def add_mim_extension():
+    """Link configs/ and tools/ into atomnas_mm/.mim (editable installs).
+
+    mim looks for ``<package>/.mim/{configs,tools,model-index.yml}``. An
+    editable install runs the sources, so they get relative symlinks there
+    (``.mim`` is git-ignored); links already right are left alone, copies
+    left by an old build are replaced. Wheels and plain installs never
+    write into the checkout: :class:`BuildPy` copies the files into the
+    build folder instead.
     """
-    if 'develop' in sys.argv or any('editable' in a for a in sys.argv):
-        mode = 'symlink'
-    elif {'sdist', 'bdist_wheel', 'install', 'build'} & set(sys.argv) or \
-            'egg_info' in sys.argv:
-        mode = 'copy'
-    else:
+    if not ('develop' in sys.argv or any('editable' in a for a in sys.argv)):
         return
     mim_path = osp.join(HERE, 'atomnas_mm', '.mim')
     os.makedirs(mim_path, exist_ok=True)
-    for name in ('configs', 'tools', 'model-index.yml'):
+    for name in MIM_ITEMS:
         src, dst = osp.join(HERE, name), osp.join(mim_path, name)
         if not osp.exists(src):
+            continue
+        if osp.islink(dst) and osp.realpath(dst) == osp.realpath(src):
             continue
         if osp.islink(dst) or osp.isfile(dst):
             os.remove(dst)
         elif osp.isdir(dst):
             shutil.rmtree(dst)
-        if mode == 'symlink':
-            os.symlink(osp.relpath(src, mim_path), dst)
-        elif osp.isdir(src):
-            shutil.copytree(src, dst)
-        else:
-            shutil.copyfile(src, dst)
+        os.symlink(osp.relpath(src, mim_path), dst)
+
+
+class BuildPy(build_py):
+    """``build_py`` that puts copies of configs/, tools/ and
+    model-index.yml into ``<build_lib>/atomnas_mm/.mim`` (what mim reads in
+    a regular install), read from the repository root, not from a
+    ``.mim`` folder in the sources."""
+
+    def run(self):
+        super().run()
+        if getattr(self, 'editable_mode', False):
+            return  # the sources run: add_mim_extension linked them
+        mim_path = osp.join(self.build_lib, 'atomnas_mm', '.mim')
+        if osp.lexists(mim_path):
+            shutil.rmtree(mim_path)
+        os.makedirs(mim_path)
+        for name in MIM_ITEMS:
+            src, dst = osp.join(HERE, name), osp.join(mim_path, name)
+            if osp.isdir(src):
+                shutil.copytree(src, dst, ignore=shutil.ignore_patterns(
+                    '__pycache__', '*.pyc'))
+            elif osp.isfile(src):
+                shutil.copyfile(src, dst)
+
+
+def out_of_tree_options():
+    """Build outputs (egg-info, build/) in a temporary folder removed at
+    exit, so that ``pip wheel .`` / ``pip install .`` leave the checkout as
+    it was. An explicit ``--egg-base`` / ``--build-base`` still wins."""
+    tmp = tempfile.mkdtemp(prefix='atomnas_mm-build-')
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)
+    return {'egg_info': {'egg_base': tmp},
+            'build': {'build_base': osp.join(tmp, 'build')}}
 
 
 def version():
@@ -65,7 +101,8 @@ if __name__ == '__main__':
         license='Apache License 2.0',
         packages=find_packages(exclude=('configs', 'tools', 'tests')),
         include_package_data=True,
-        package_data={'atomnas_mm': ['.mim/**/*', '.mim/*']},
+        cmdclass={'build_py': BuildPy},
+        options=out_of_tree_options(),
         python_requires='>=3.8',
         install_requires=[r for r in read_requirements('runtime')
                           if not r.startswith('setuptools')]

@@ -14,6 +14,12 @@ Example::
 import argparse
 import os.path as osp
 import sys
+import warnings
+
+# Known and harmless (README, "Set-up"): mmengine 0.10.7 imports
+# pkg_resources, which setuptools >= 67 deprecates.
+warnings.filterwarnings('ignore', message='pkg_resources is deprecated',
+                        category=UserWarning)
 
 
 def import_atomnas_mm():

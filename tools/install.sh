@@ -35,29 +35,56 @@ install_fashion_mnist() {
   fi
 }
 
-# mim (openmim 0.3.9) looks for <site-packages>/atomnas_mm/.mim/{configs,tools,model-index.yml}
-# (setup.py makes atomnas_mm/.mim in the sources); an editable install has no atomnas_mm folder in
-# site-packages, so `mim train atomnas_mm ...` would not find it. Link the source package there and
-# list the link in the install's RECORD: `pip uninstall` (also the one before any reinstall) then
-# removes the link itself, and pip never writes through it into the sources.
+# mim (openmim 0.3.9) looks for <site-packages>/atomnas_mm/.mim/{configs,tools,model-index.yml}.
+# An editable install runs the sources: atomnas_mm/.mim holds links to configs/, tools/ and
+# model-index.yml (setup.py makes them; copies left there by an old `pip wheel .`/`pip install .`
+# are replaced, they would be stale), and site-packages has no atomnas_mm folder, so
+# `mim train atomnas_mm ...` would not find it: link the source package there and list the link in
+# the install's RECORD: `pip uninstall` (also the one before any reinstall) then removes the link
+# itself, and pip never writes through it into the sources. Run isolated (-I): an
+# atomnas_mm.egg-info in the checkout (left by an old build) is not mistaken for the install.
 link_for_mim() {
-  "$VENV/bin/python" - "$ROOT" <<'PY'
-import os, sys, sysconfig
+  "$VENV/bin/python" -I - "$ROOT" <<'PY'
+import os, shutil, sys, sysconfig
 from importlib import metadata
-target = os.path.join(sys.argv[1], 'atomnas_mm')
+root = sys.argv[1]
+target = os.path.join(root, 'atomnas_mm')
+mim = os.path.join(target, '.mim')
+stale = os.path.join(root, 'atomnas_mm.egg-info')
+if os.path.isdir(stale):  # an old build's leftover: it shadows the install's metadata
+    shutil.rmtree(stale)
+    print(f'[install] removed {stale} (left by an old build of the checkout)')
 link = os.path.join(sysconfig.get_paths()['purelib'], 'atomnas_mm')
 if os.path.isdir(link) and not os.path.islink(link):
-    sys.exit(0)  # a regular (non-editable) install: mim finds it already
-record = [f for f in metadata.distribution('atomnas_mm').files
-          if f.name == 'RECORD'][0].locate()
+    sys.exit(0)  # a regular (non-editable) install: mim finds its copies there
+os.makedirs(mim, exist_ok=True)
+for name in ('configs', 'tools', 'model-index.yml'):
+    src, dst = os.path.join(root, name), os.path.join(mim, name)
+    if not os.path.exists(src) or (os.path.islink(dst)
+                                   and os.path.realpath(dst) == os.path.realpath(src)):
+        continue
+    if os.path.isdir(dst) and not os.path.islink(dst):
+        shutil.rmtree(dst)
+        print(f'[install] mim: replaced the stale copy {dst} by a link')
+    elif os.path.lexists(dst):
+        os.remove(dst)
+    os.symlink(os.path.relpath(src, mim), dst)
+records = [f.locate() for dist in metadata.distributions(name='atomnas_mm')
+           for f in (dist.files or ()) if f.name == 'RECORD']
+records = [r for r in records if os.path.realpath(str(r)).startswith(
+    os.path.realpath(sys.prefix) + os.sep)]
+if not records:
+    print('[install] WARNING: atomnas_mm is not installed in this venv (no RECORD); '
+          'run: .venv/bin/python -m pip install --no-deps --no-build-isolation -e .')
+    sys.exit(0)
 if os.path.realpath(link) != os.path.realpath(target):
     if os.path.islink(link):
         os.remove(link)
     os.symlink(target, link)
-with open(record) as f:
+with open(records[0]) as f:
     listed = any(line.split(',')[0] == 'atomnas_mm' for line in f)
 if not listed:
-    with open(record, 'a') as f:
+    with open(records[0], 'a') as f:
         f.write('atomnas_mm,,\n')
 print(f'[install] mim: {link} -> {target}')
 PY

@@ -16,7 +16,13 @@ import argparse
 import os
 import os.path as osp
 import sys
+import warnings
 from copy import deepcopy
+
+# Known and harmless (README, "Set-up"): mmengine 0.10.7 imports
+# pkg_resources, which setuptools >= 67 deprecates.
+warnings.filterwarnings('ignore', message='pkg_resources is deprecated',
+                        category=UserWarning)
 
 REPO_ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 TEST_SUBDIR = 'test'

@@ -10,10 +10,17 @@ run with one line saying how to get it.
 """
 import argparse
 import errno
+import logging
 import os
 import os.path as osp
 import sys
+import warnings
 from copy import deepcopy
+
+# Known and harmless (README, "Set-up"): mmengine 0.10.7 imports
+# pkg_resources, which setuptools >= 67 deprecates (printed twice a run).
+warnings.filterwarnings('ignore', message='pkg_resources is deprecated',
+                        category=UserWarning)
 
 REPO_ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
@@ -182,6 +189,7 @@ def main(argv=None):
             runner = Runner.from_cfg(cfg)
         else:
             runner = RUNNERS.build(cfg)
+        runner.logger.addFilter(KnownHarmless())
 
         runner.train()
     except OSError as e:
@@ -191,6 +199,18 @@ def main(argv=None):
     finally:
         if lock is not None:
             lock.release()
+
+
+class KnownHarmless(logging.Filter):
+    """Drops mmengine 0.10.7's deprecation WARNINGs about its own classes:
+    its CheckpointHook builds a ``FileClient`` (whose local backend is the
+    alias ``HardDiskBackend``) at every start; nothing for a user to do."""
+
+    MESSAGES = ('"FileClient" will be deprecated in future',
+                '"HardDiskBackend" is the alias of "LocalBackend"')
+
+    def filter(self, record):
+        return not str(record.msg).startswith(self.MESSAGES)
 
 
 class DiskFullError(RuntimeError):
