@@ -592,19 +592,26 @@ def test_kill_during_checkpoint_write_then_resume(tmp_path, data_cache,
 
 @pytest.mark.slow
 @needs_data
-def test_stock_hook_kill_leaves_unreadable_checkpoint(tmp_path, data_cache):
+def test_stock_hook_kill_resumes_from_the_newest_intact_checkpoint(
+        tmp_path, data_cache):
     """mmengine's CheckpointHook re-saves epoch_1.pth in place (to record
-    the best file): a kill then leaves it truncated, and --resume stops
-    with an error naming it."""
+    the best file): a kill leaves it truncated, and --resume goes on from
+    the newest intact checkpoint (the best file), naming both."""
     fault = dict(op='write', match=r'^\.?epoch_1\.pth', nth=2, fraction=0.5)
     work_dir, _ = kill_then_resume(tmp_path, data_cache, fault,
                                    hook='CheckpointHook')
     path = osp.join(work_dir, 'epoch_1.pth')
     with pytest.raises(UnreadableCheckpointError, match=re.escape(path)):
         resumable(work_dir)
+    intact = glob.glob(osp.join(work_dir, 'best_*.pth'))
+    assert len(intact) == 1
     resumed = run(demo_cmd(work_dir, data_cache, '--resume'), str(tmp_path))
-    assert resumed.returncode != 0
-    assert f'{path} is not a readable checkpoint' in resumed.stderr
+    log = resumed.stdout + resumed.stderr
+    assert resumed.returncode == 0, log[-3000:]
+    assert (f'The latest checkpoint {path} cannot be resumed from' in log
+            and f'resuming from the newest intact one, {intact[0]}' in log)
+    assert f'Auto resumed from the latest checkpoint {intact[0]}' in log
+    assert osp.isfile(osp.join(work_dir, 'epoch_2.pth'))
 
 
 @pytest.mark.slow

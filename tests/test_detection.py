@@ -327,8 +327,13 @@ def test_search_in_detector_with_mmdet_tools(detector, coco, tmp_path):
     log = mmdet_tool('train', [cfg, '--work-dir', work_dir, '--cfg-options',
                                'train_cfg.max_epochs=1'], tmp_path)
     assert re.search(r'AtomShrinkHook: removed \d+ atoms', log)
-    log = mmdet_tool('train', [cfg, '--work-dir', work_dir, '--resume'],
-                     tmp_path)
+    # The training length is a search setting (it sets the deadline):
+    # resuming with another one needs the switch, and says so.
+    log = mmdet_tool('train', [cfg, '--work-dir', work_dir, '--resume',
+                               '--cfg-options',
+                               'resume_with_changed_search=True'], tmp_path)
+    assert 'with changed search settings' in log
+    assert 'train_cfg.max_epochs: 1 in the checkpoint, 2 now' in log
     assert 'resumed epoch: 1' in log
     assert 'Epoch(train) [2][2/2]' in log and 'Epoch(train) [1]' not in log
     ckpt = torch.load(osp.join(work_dir, 'epoch_2.pth'), weights_only=True)
