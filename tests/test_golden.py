@@ -1,8 +1,11 @@
 """Golden files: a seeded tiny search and seeded zoo features.
 
 They catch any change of behaviour that the other tests let through (the
-search's decisions, the zoo's numerics). After an intended change, look at
-the diff of the regenerated files and commit them:
+search's decisions, the zoo's numerics). The tiny search's decisions depend
+on float summation order (torch build, thread count, the CPU's vector
+unit): it is compared exactly where it was made (``made_with``), elsewhere
+within a stated tolerance. After an intended change, look at the diff of
+the regenerated files and commit them:
 
     .venv/bin/python tests/test_golden.py --regenerate
 """
@@ -62,6 +65,19 @@ def tiny_search(work_dir):
                 iters=[h['iter'] for h in hook.history])
 
 
+def made_with():
+    """What the tiny search's float summation order depends on."""
+    return dict(torch=torch.__version__, threads=torch.get_num_threads(),
+                cpu=torch.backends.cpu.get_cpu_capability())
+
+
+# Elsewhere than ``made_with``: one atom's decision can flip (measured
+# between an AVX512 and another machine: one atom in two blocks, FLOPs
+# 1.2% apart).
+ATOMS_PER_BLOCK = 2
+FLOPS_REL = 0.03
+
+
 def _load(name):
     with open(osp.join(GOLDEN, name)) as f:
         return json.load(f)
@@ -77,7 +93,20 @@ def test_zoo_features_match_golden():
 
 @pytest.mark.slow
 def test_tiny_search_matches_golden(tmp_path):
-    assert tiny_search(str(tmp_path)) == _load('tiny_search.json')
+    want = _load('tiny_search.json')
+    got = tiny_search(str(tmp_path))
+    assert got['iters'] == want['iters']  # the shrinks happen when they did
+    if want['made_with'] == made_with():
+        assert got['rows'] == want['rows'] and got['flops'] == want['flops']
+        return
+    print(f'made with {want["made_with"]}, run with {made_with()}: '
+          f'compared within {ATOMS_PER_BLOCK} atoms per block, FLOPs within '
+          f'{FLOPS_REL:.0%}')
+    assert len(got['rows']) == len(want['rows'])
+    for i, (row, ref) in enumerate(zip(got['rows'], want['rows'])):
+        assert row[:3] == ref[:3], i  # channels, depth, stride
+        assert abs(sum(row[4]) - sum(ref[4])) <= ATOMS_PER_BLOCK, (i, row, ref)
+    assert got['flops'] == pytest.approx(want['flops'], rel=FLOPS_REL)
 
 
 if __name__ == '__main__':
@@ -86,7 +115,8 @@ if __name__ == '__main__':
     import tempfile
     with tempfile.TemporaryDirectory() as tmp:
         files = {'zoo_features.json': zoo_features(),
-                 'tiny_search.json': tiny_search(tmp)}
+                 'tiny_search.json': dict(tiny_search(tmp),
+                                          made_with=made_with())}
     for name, data in files.items():
         with open(osp.join(GOLDEN, name), 'w') as f:
             json.dump(data, f, indent=1)
