@@ -38,6 +38,27 @@ def test_lands_on_flops_target_by_the_deadline_and_never_below(tmp_path):
     assert rhos[2] == pytest.approx(1e-2 * scales[0])
 
 
+def test_follow_path_keeps_the_net_on_the_path(tmp_path):
+    """With follow_path the net is on the controller's linear path after
+    every check (within one atom), so the deadline removes one path step,
+    not whatever the penalty left."""
+    target = 0.6 * supernet_flops()
+    cfg = budget_cfg(str(tmp_path), dict(flops=target))
+    cfg['custom_hooks'][2]['follow_path'] = True
+    runner = build(cfg)
+    runner.train()
+    hook = shrink_hook(runner)
+    checks = [h for h in hook.history[1:]
+              if h['iter'] <= runner.max_iters // 2]
+    assert [h['iter'] for h in checks] == [2, 4, 6]  # one per check
+    for h in checks:
+        path = hook.controller.path(h['iter'] / runner.max_iters)
+        assert path <= h['cost'] <= path * 1.01, h
+    assert hook.controller.landed
+    flops = count_flops_params(runner.model.backbone, (1, 3, 32, 32))[0]
+    assert target <= flops <= target * 1.02
+
+
 def test_resume_continues_exactly(tmp_path):
     target = dict(flops=0.6 * supernet_flops())
     full, record = str(tmp_path / 'full'), RecordHook()
@@ -64,6 +85,8 @@ def test_resume_continues_exactly(tmp_path):
                        r'range \[\d+, \d+\]'),
     (dict(flops=1.0), r'target: flops=1 is outside the reachable range'),
     (dict(params=1e9), r'target: params=1e\+09 is outside'),
+    (dict(flops=272576 / 1.01), r'target: flops=269877 with tolerance 0.02 '
+                                r'is met by this model as it is \(272576\)'),
     (dict(latency=3.0), r'target: expected a dict with one key of'),
     (dict(flops=1e6, params=1e5), r'target: expected a dict with one key'),
     (dict(flops='300M'), r"target.flops: must be a finite number"),

@@ -394,6 +394,10 @@ def test_get_flops_atomnas_a(tmp_path):
     assert 3.8 < params < 4.0  # published: 3.9M
     # mmengine also counts BN (eval: one op per element) and BN params.
     assert float(mm.group(1)) > flops and float(mm.group(2)) > params
+    assert 'quoted in README' in ours.group(0)
+    # The tracer's known WARNINGs and pkg_resources' deprecation are dropped.
+    assert 'WARNING' not in out.stdout + out.stderr
+    assert 'pkg_resources' not in out.stderr
 
 
 def _write_images(root, num_per_class):

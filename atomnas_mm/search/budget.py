@@ -91,8 +91,8 @@ class BudgetController:
 
     def start(self, widths):
         """Check the target against the model (fresh run); raise a
-        ValueError naming the value and the reachable range. Returns the
-        range."""
+        ValueError naming the value and the reachable range, or saying that
+        the model meets the target already. Returns the range."""
         low, high = self.reachable(widths)
         if not low <= self.target <= high:
             raise ValueError(
@@ -100,6 +100,12 @@ class BudgetController:
                 f'reachable range [{low:.6g}, {high:.6g}] of this model '
                 f'(smallest net: every unit at its minimum width: residual '
                 f'AtomNAS blocks emptied, one channel left in the others)')
+        if self.lands(high):
+            raise ValueError(
+                f'target: {self.key}={self.target:.6g} with tolerance '
+                f'{self.tolerance:g} is met by this model as it is ({high:.6g}'
+                '): the search would land at its first check with nothing '
+                'removed; lower the target or the tolerance')
         self.initial_cost = widths.total
         return low, high
 
