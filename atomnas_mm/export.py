@@ -30,6 +30,7 @@ import copy
 import json
 import os
 import os.path as osp
+import re
 import warnings
 
 import torch
@@ -324,7 +325,8 @@ def export(src, out, name=None, config=None, inherit=None):
             checkpoint file.
         out (str): Output directory (created).
         name (str, optional): File name of the config and checkpoint;
-            defaults to the work_dir's name.
+            defaults to the search config's name (``config``, else the
+            one the run was started with), else the work_dir's.
         config (str, optional): Search config to derive from (default: the
             one stored in the checkpoint).
         inherit (str, optional): Config to inherit with only the arch
@@ -342,7 +344,7 @@ def export(src, out, name=None, config=None, inherit=None):
     archs = complete_archs(searched_archs(ckpt, path),
                            search.model if search is not None else None, path)
     arch = archs[backbone_path(archs, path)]
-    name = _export_name(name, src, path)
+    name = _export_name(name, src, path, ckpt, config)
     os.makedirs(out, exist_ok=True)
     paths = dict(arch=osp.join(out, 'arch.json'),
                  config=osp.join(out, f'{name}.py'),
@@ -356,11 +358,20 @@ def export(src, out, name=None, config=None, inherit=None):
     return paths
 
 
-def _export_name(name, src, path):
-    if name is None:
-        base = src if osp.isdir(src) else osp.dirname(osp.abspath(path))
-        name = osp.basename(osp.normpath(base)) or 'searched'
-    return name
+def _export_name(name, src, path, ckpt, config=None):
+    """The exported files' name: ``name``, else the search config's (the
+    ``config`` given, else the one the run was started with, from the
+    checkpoint's ``experiment_name``), else the work_dir's."""
+    if name is not None:
+        return name
+    if config is not None:
+        return osp.splitext(osp.basename(config))[0]
+    started = re.fullmatch(r'(.+)_\d{8}_\d{6}',
+                           str(ckpt.get('meta', {}).get('experiment_name')))
+    if started:
+        return started.group(1)
+    base = src if osp.isdir(src) else osp.dirname(osp.abspath(path))
+    return osp.basename(osp.normpath(base)) or 'searched'
 
 
 def narrowed_backbone_cfg(model_cfg, widths, path):
@@ -396,7 +407,7 @@ def export_channels(ckpt, path, out, name=None, config=None, inherit=None,
                          'pass --config')
     strip_search(cfg, {})
     cfg.model = narrowed_backbone_cfg(cfg.model, widths, path)
-    name = _export_name(name, src or path, path)
+    name = _export_name(name, src or path, path, ckpt, config)
     os.makedirs(out, exist_ok=True)
     paths = dict(arch=osp.join(out, 'channel_units.json'),
                  config=osp.join(out, f'{name}.py'),

@@ -213,6 +213,29 @@ def test_arch_json_rebuilds_the_1_channel_demo_net(tmp_path, drop):
                                         weights_only=True)['state_dict'])
 
 
+def test_export_is_named_after_the_search_config(tmp_path):
+    """A work_dir named otherwise (``--work-dir run7``): the files take the
+    config's name the run was started with (mmengine's experiment_name),
+    ``--config``'s when given, ``--name`` over both."""
+    work_dir = tmp_path / 'run7'
+    work_dir.mkdir()
+    ckpt = str(work_dir / 'epoch_1.pth')
+    demo_checkpoint(ckpt)
+    saved = torch.load(ckpt, weights_only=True)
+    saved['meta']['experiment_name'] = 'atomnas_fashion_mnist_20261206_101500'
+    torch.save(saved, ckpt)
+    (work_dir / 'last_checkpoint').write_text(ckpt)
+    out = str(tmp_path / 'out')
+    assert osp.basename(export(str(work_dir), out)['config']) == \
+        'atomnas_fashion_mnist.py'
+    assert osp.basename(export(ckpt, out, config=DEMO)['checkpoint']) == \
+        osp.basename(DEMO)[:-3] + '.pth'
+    assert osp.basename(export(ckpt, out, name='net')['config']) == 'net.py'
+    saved['meta']['experiment_name'] = '20261206_101500'  # a Runner of dicts
+    torch.save(saved, ckpt)
+    assert osp.basename(export(ckpt, out)['config']) == 'run7.py'
+
+
 @pytest.fixture(scope='module')
 def demo_export(tmp_path_factory):
     """The exported 1-channel demo-like net: ``{'model', 'paths'}``."""

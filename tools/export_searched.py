@@ -39,7 +39,8 @@ def parse_args(argv=None):
                         'checkpoint file')
     parser.add_argument('--out', required=True, help='output directory')
     parser.add_argument('--name', help='file name of the config/checkpoint '
-                        '(default: the work_dir name)')
+                        '(default: the search config\'s name, else the '
+                        'work_dir\'s)')
     group = parser.add_mutually_exclusive_group()
     group.add_argument('--config', help='search config to derive from '
                        '(default: the one stored in the checkpoint)')
