@@ -35,3 +35,33 @@ def cpu_ddp_workaround(cfg):
                                         device_ids=None,
                                         broadcast_buffers=False)
     return True
+
+
+def busy_machine_threads(environ=None, cores=None, load=None):
+    """One torch thread where the machine is already busy, else None.
+
+    torch starts one OpenMP thread per core; on a machine whose cores are
+    taken by other processes those threads wait on each other (the demo
+    ran 8x slower on 2 shared cores than with one thread). A run whose
+    ``OMP_NUM_THREADS`` is unset and whose 1-minute load average fills the
+    cores gets one thread; an explicit ``OMP_NUM_THREADS`` always wins.
+
+    Args:
+        environ (Mapping, optional): The environment (default: os.environ).
+        cores (int, optional): CPU cores (default: os.cpu_count()).
+        load (float, optional): 1-minute load average (default: the OS's).
+
+    Returns:
+        int | None: 1, or None to keep torch's default.
+    """
+    import os
+    environ = os.environ if environ is None else environ
+    if environ.get('OMP_NUM_THREADS'):
+        return None
+    cores = os.cpu_count() if cores is None else cores
+    if load is None:
+        try:
+            load = os.getloadavg()[0]
+        except OSError:  # not available on this OS
+            return None
+    return 1 if cores and cores > 1 and load >= cores else None

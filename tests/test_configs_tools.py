@@ -551,3 +551,16 @@ def test_dist_train_two_cpu_processes(tiny_config, tmp_path):
     assert 'device_ids=None' in log
     # 2 ranks x 2 images: the lr follows the total batch
     _check_recipe_in_run(work_dir, total_batch=4, epoch_length=1)
+
+
+@pytest.mark.parametrize('environ, cores, load, threads', [
+    ({}, 2, 2.0, 1),                       # busy: one thread
+    ({}, 2, 7.3, 1),
+    ({}, 2, 1.2, None),                    # idle enough: torch's default
+    ({'OMP_NUM_THREADS': '2'}, 2, 7.3, None),  # the user's choice wins
+    ({}, 1, 5.0, None),                    # one core: one thread anyway
+])
+def test_train_py_picks_one_thread_on_a_busy_machine(environ, cores, load,
+                                                     threads):
+    from atomnas_mm.utils import busy_machine_threads
+    assert busy_machine_threads(environ, cores, load) == threads

@@ -175,6 +175,14 @@ def main(argv=None):
     from atomnas_mm.utils import cpu_ddp_workaround
     check_data(cfg, ('train', 'val') if cfg.get('val_cfg') else ('train', ))
     cpu_ddp_workaround(cfg)
+    from atomnas_mm.utils import busy_machine_threads
+    threads = busy_machine_threads()
+    if threads is not None:
+        import torch
+        torch.set_num_threads(threads)
+        print(f'{osp.basename(sys.argv[0])}: the cores are busy (load '
+              f'{os.getloadavg()[0]:.1f} on {os.cpu_count()}): 1 torch '
+              'thread; set OMP_NUM_THREADS to choose')
 
     lock = None
     if global_rank() == 0:
