@@ -8,7 +8,8 @@
   BatchNorm; all parameters, BN included).
 
 The README and the model zoo quote the AtomNAS convention (its row says
-so); the tracer's known WARNINGs are dropped. Both count the whole classifier (backbone, neck and head), unlike
+so); the tracer's known WARNINGs are dropped. Both count the whole
+classifier (backbone, neck and head), unlike
 mmpretrain's get_flops.py, which counts ``extract_feat`` only. The input has
 the model's own channels (1 for the grey demo, 3 for RGB); ``--shape``
 defaults to the config's input size (:func:`atomnas_mm.export.input_size`:
