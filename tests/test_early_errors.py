@@ -181,3 +181,28 @@ def test_a_target_near_the_floor_of_a_stock_model_is_warned_about(tmp_path):
     assert any(re.search(r'AtomShrinkHook: the target [0-9.e+]+ is within '
                          r'10% of the smallest net this model allows', m)
                for m in messages), messages
+
+
+def test_no_near_floor_warning_for_atomnas_blocks(tmp_path):
+    """AtomNAS blocks empty whole residual blocks at the floor (not one
+    channel each): a target near it is a normal search, not warned about."""
+    import logging
+
+    from mmengine.logging import MMLogger
+
+    from atomnas_mm.search.costs import FLOPsCost
+    from atomnas_mm.search.shrink import width_cost_of
+    from harness import SUPERNET, budget_cfg
+    floor = width_cost_of(AtomNAS(arch=SUPERNET), FLOPsCost(32)).smallest()
+    runner = build(budget_cfg(str(tmp_path), dict(flops=floor * 1.01)))
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    MMLogger.get_current_instance().addHandler(handler)
+    try:
+        runner.train()
+    finally:
+        MMLogger.get_current_instance().removeHandler(handler)
+    messages = [r.getMessage() for r in records]
+    assert any('AtomShrinkHook: searching' in m for m in messages), messages
+    assert not any('smallest net this model allows' in m for m in messages)
