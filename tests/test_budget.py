@@ -38,6 +38,27 @@ def test_lands_on_flops_target_by_the_deadline_and_never_below(tmp_path):
     assert rhos[2] == pytest.approx(1e-2 * scales[0])
 
 
+def test_the_controller_aims_ahead_of_its_path():
+    """The scale moves by (live / aim) ** gain, where the aim is the path
+    that reaches the target at lead x deadline; it stays <= max_scale."""
+    from atomnas_mm.search.budget import BudgetController
+    controller = BudgetController(dict(flops=50.), deadline=0.5, lead=0.9)
+    controller.initial_cost = 100.
+    assert controller.path(0.45) == pytest.approx(55.)
+    assert controller.update(50., 0.45) == pytest.approx(1.)  # on the aim
+    assert controller.update(55., 0.45) == pytest.approx(1.1 ** 8)
+    controller.scale = 1.
+    assert controller.path(0.225) == pytest.approx(77.5)  # the aim at 0.2025
+    assert controller.update(77.5 * 1.1, 0.225 * 0.9) == pytest.approx(
+        1.1 ** 8)
+    for _ in range(5):
+        controller.update(100., 0.45)
+    assert controller.scale == controller.max_scale == 100.
+    for bad in (dict(lead=0), dict(lead=1.5), dict(max_scale=0.5)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            BudgetController(dict(flops=50.), **bad)
+
+
 def test_follow_path_keeps_the_net_on_the_path(tmp_path):
     """With follow_path the net is on the controller's linear path after
     every check (within one atom), so the deadline removes one path step,

@@ -3,14 +3,19 @@
 :class:`BudgetController` is a policy part of :class:`AtomShrinkHook`
 (``target=dict(flops=300e6)``). At every check it measures the *live cost*
 (the model's cost without the channels that are dead now) and steers the
-penalty strength multiplicatively towards a linear path from the initial
-cost to the target at the deadline. It caps every shrink: only the weakest
-dead channels go, down to the target, never below. At the first check at or
-after the deadline a net still above the target loses its weakest channels
-(live ones too) down to it. Once a shrink leaves the net within the
-tolerance the controller has *landed*: the penalty is off (factor 0) and the
-rest of training fine-tunes the net at its final size; the remaining dead
-channels may regrow.
+penalty strength multiplicatively along a linear path from the initial cost
+to the target: the scale is multiplied by ``(live / aim) ** gain``, where
+the aim is the path that reaches the target at ``lead`` of the deadline (a
+margin for the delay between a stronger penalty and the channels' death),
+and kept in ``[1e-3, max_scale]`` (a scale far above the path's needs
+crushes every cheap channel while the costly ones hold out; measured in
+docs/benchmarks.md, "Budget controller: live cost against its path"). It
+caps every shrink: only the weakest dead channels go, down to the target,
+never below. At the first check at or after the deadline a net still above
+the target loses its weakest channels (live ones too) down to it. Once a
+shrink leaves the net within the tolerance the controller has *landed*: the
+penalty is off (factor 0) and the rest of training fine-tunes the net at
+its final size; the remaining dead channels may regrow.
 """
 import math
 
@@ -35,15 +40,19 @@ class BudgetController:
             target is reached, in (0, 1].
         tolerance (float): Relative landing tolerance (the net ends in
             ``[target, target * (1 + tolerance)]``).
-        gain (float): Log-scale step of the strength per unit of relative
-            error at each check.
+        gain (float): Exponent of the live cost's ratio to its aim in the
+            scale's step at each check.
+        lead (float): The aim reaches the target at this fraction of the
+            deadline, in (0, 1].
+        max_scale (float): The largest factor on the penalty schedule.
         input_size (int): Image side for FLOPs.
         latency_table (str | dict, optional): The table of a latency target
             (``tools/analysis_tools/atom_latency_table.py``).
     """
 
-    def __init__(self, target, deadline=0.5, tolerance=0.02, gain=4.0,
-                 input_size=224, latency_table=None):
+    def __init__(self, target, deadline=0.5, tolerance=0.02, gain=8.0,
+                 lead=0.9, max_scale=100.0, input_size=224,
+                 latency_table=None):
         if not isinstance(target, dict) or len(target) != 1 or \
                 next(iter(target)) not in COSTS:
             raise ValueError(f'target: expected a dict with one key of '
@@ -65,6 +74,11 @@ class BudgetController:
                 'above the target lands (5 lands the supernet at the first '
                 'check with nothing removed)')
         self.gain = check_number('gain', gain)
+        self.lead = check_number('lead', lead, 1e-9)
+        if self.lead > 1:
+            raise ValueError(f'lead: a fraction of the deadline in (0, 1], '
+                             f'got {lead!r}')
+        self.max_scale = check_number('max_scale', max_scale, 1.0)
         if self.key == 'latency_ms':
             if latency_table is None:
                 raise ValueError('latency_table: a latency_ms target needs '
@@ -129,9 +143,9 @@ class BudgetController:
         of the penalty strength (unchanged once landed)."""
         if self.landed:
             return self.scale
-        span = max(self.initial_cost - self.target, 1e-12)
-        error = (live_cost - self.path(progress)) / span
-        self.scale = min(1e3, max(1e-3, self.scale * math.exp(
+        aim = self.path(progress / self.lead)
+        error = math.log(max(live_cost, 1e-12) / aim)
+        self.scale = min(self.max_scale, max(1e-3, self.scale * math.exp(
             self.gain * max(-1.0, min(1.0, error)))))
         return self.scale
 
