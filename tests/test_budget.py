@@ -59,6 +59,38 @@ def test_the_controller_aims_ahead_of_its_path():
             BudgetController(dict(flops=50.), **bad)
 
 
+class KillAtomsAt(Hook):
+    """Zero every atom's BN scale after iteration ``at`` (before the check)."""
+    priority = 'VERY_HIGH'
+
+    def __init__(self, at):
+        self.at = at
+
+    def after_train_iter(self, runner, batch_idx, data_batch=None,
+                         outputs=None):
+        if runner.iter + 1 == self.at:
+            for m in runner.model.backbone.blocks():
+                for branch in m.dw.values():
+                    branch.norm.weight.data.zero_()
+
+
+def test_lands_as_soon_as_the_live_net_is_on_the_target(tmp_path):
+    """Atoms dead in the live weights before the deadline are removed at
+    once when they put the net on the target, not left to regrow while the
+    EMA copy (the config's EMAHook) catches up."""
+    target = 0.9 * supernet_flops()
+    cfg = budget_cfg(str(tmp_path), dict(flops=target))
+    runner = build(cfg, [KillAtomsAt(2)])
+    runner.train()
+    hook = shrink_hook(runner)
+    assert runner.max_iters // 2 == 6  # the deadline
+    assert hook.history[1]['iter'] == 2
+    assert target <= hook.history[1]['cost'] <= target * 1.02
+    assert hook.controller.landed
+    rhos = runner.message_hub.get_scalar('train/penalty_rho').data[0]
+    assert (rhos[2:] == 0).all()
+
+
 def test_follow_path_keeps_the_net_on_the_path(tmp_path):
     """With follow_path the net is on the controller's linear path after
     every check (within one atom), so the deadline removes one path step,
