@@ -1,4 +1,6 @@
 """Small runtime helpers."""
+import os
+
 import torch
 
 
@@ -54,7 +56,6 @@ def busy_machine_threads(environ=None, cores=None, load=None):
     Returns:
         int | None: 1, or None to keep torch's default.
     """
-    import os
     environ = os.environ if environ is None else environ
     if environ.get('OMP_NUM_THREADS'):
         return None

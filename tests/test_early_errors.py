@@ -148,12 +148,26 @@ def test_a_failing_shrink_leaves_everything_as_it_was():
     assert isinstance(net.layer2[0].expand.conv, nn.Conv2d)
 
 
+def train_logging(runner, level=0):
+    """Train ``runner``; the messages of its logger at ``level`` or above."""
+    import logging
+
+    from mmengine.logging import MMLogger
+    records = []
+    handler = logging.Handler(level)
+    handler.emit = records.append
+    MMLogger.get_current_instance().addHandler(handler)
+    try:
+        runner.train()
+    finally:
+        MMLogger.get_current_instance().removeHandler(handler)
+    return [r.getMessage() for r in records]
+
+
 def test_a_target_near_the_floor_of_a_stock_model_is_warned_about(tmp_path):
     """A budget that leaves almost every unit at one channel trains, with a
     warning that says so, the floor and the full cost."""
     import logging
-
-    from mmengine.logging import MMLogger
 
     from atomnas_mm.search.costs import FLOPsCost
     from atomnas_mm.search.shrink import width_cost_of
@@ -168,16 +182,7 @@ def test_a_target_near_the_floor_of_a_stock_model_is_warned_about(tmp_path):
         type='atomnas_mm.AtomShrinkHook', target=dict(flops=floor * 1.01),
         follow_path=True, interval=1, by_epoch=False, input_size=32)]
     runner = build(cfg)
-    records = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    MMLogger.get_current_instance().addHandler(handler)
-    try:
-        runner.train()
-    finally:
-        MMLogger.get_current_instance().removeHandler(handler)
-    messages = [r.getMessage() for r in records
-                if r.levelno == logging.WARNING]
+    messages = train_logging(runner, logging.WARNING)
     assert any(re.search(r'AtomShrinkHook: the target [0-9.e+]+ is within '
                          r'10% of the smallest net this model allows', m)
                for m in messages), messages
@@ -186,23 +191,11 @@ def test_a_target_near_the_floor_of_a_stock_model_is_warned_about(tmp_path):
 def test_no_near_floor_warning_for_atomnas_blocks(tmp_path):
     """AtomNAS blocks empty whole residual blocks at the floor (not one
     channel each): a target near it is a normal search, not warned about."""
-    import logging
-
-    from mmengine.logging import MMLogger
-
     from atomnas_mm.search.costs import FLOPsCost
     from atomnas_mm.search.shrink import width_cost_of
     from harness import SUPERNET, budget_cfg
     floor = width_cost_of(AtomNAS(arch=SUPERNET), FLOPsCost(32)).smallest()
     runner = build(budget_cfg(str(tmp_path), dict(flops=floor * 1.01)))
-    records = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    MMLogger.get_current_instance().addHandler(handler)
-    try:
-        runner.train()
-    finally:
-        MMLogger.get_current_instance().removeHandler(handler)
-    messages = [r.getMessage() for r in records]
+    messages = train_logging(runner)
     assert any('AtomShrinkHook: searching' in m for m in messages), messages
     assert not any('smallest net this model allows' in m for m in messages)

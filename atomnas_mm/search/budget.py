@@ -134,9 +134,14 @@ class BudgetController:
         """The factor on the penalty schedule: the scale, 0 once landed."""
         return 0.0 if self.landed else self.scale
 
-    def due(self, progress, final=False):
-        """Whether this check must land the net (the deadline or the end)."""
-        return not self.landed and (final or progress >= self.deadline)
+    def due(self, progress, final=False, live_cost=None):
+        """Whether this check must land the net: at the deadline, at the end,
+        or as soon as the live cost is within the tolerance (the channels
+        the penalty killed would otherwise wait for the EMA copy and
+        regrow)."""
+        return not self.landed and (
+            final or progress >= self.deadline or
+            live_cost is not None and self.lands(live_cost))
 
     def update(self, live_cost, progress):
         """One control step from the measured live cost; returns the scale

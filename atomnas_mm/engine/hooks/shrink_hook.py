@@ -237,12 +237,9 @@ class AtomShrinkHook(Hook):
         runner.message_hub.update_scalar('train/budget_live_cost', live)
         runner.message_hub.update_scalar('train/budget_scale',
                                          controller.factor)
-        # At the deadline (or the end) the weakest atoms go down to the
-        # target, dead or not (the EMA copy may still lag the live weights);
-        # so they do as soon as the live net is on the target: the atoms the
-        # penalty killed would otherwise wait for the EMA copy and regrow.
-        force = controller.due(progress, final) or (
-            not controller.landed and controller.lands(live))
+        # When due, the weakest atoms go down to the target, dead or not
+        # (the EMA copy may still lag the live weights).
+        force = controller.due(progress, final, live)
         if force and not controller.lands(live):
             # following the path, the deadline's cut is its last step
             log = runner.logger.info if self.follow_path else \
