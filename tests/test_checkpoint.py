@@ -274,6 +274,7 @@ def damaged(trained, tmp_path_factory):
     return paths
 
 
+# flipped_weights: torch.load itself does not notice it (why the CRC check).
 KINDS = ['empty', 'text', 'truncated', 'truncated_end', 'flipped_weights',
          'flipped_pickle']
 
@@ -281,11 +282,6 @@ KINDS = ['empty', 'text', 'truncated', 'truncated_end', 'flipped_weights',
 def unreadable(path):
     return pytest.raises(UnreadableCheckpointError,
                          match=f'{path} is not a readable checkpoint')
-
-
-def test_flipped_bytes_load_silently_with_torch(damaged):
-    """Why the CRC check: torch.load does not notice a flipped weight."""
-    torch.load(damaged['flipped_weights'], weights_only=True)
 
 
 @pytest.mark.parametrize('kind', KINDS)

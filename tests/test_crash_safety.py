@@ -167,23 +167,19 @@ def test_save_image_or_warn_logs_instead_of_raising(tmp_path, monkeypatch,
 
 
 # -- shipped configs -------------------------------------------------------------
-SHIPPED = sorted(p for p in glob.glob(osp.join(ROOT, 'configs/**/*.py'),
-                                      recursive=True)
-                 if '/_base_/' not in p)
+CONFIGS = sorted(glob.glob(osp.join(ROOT, 'configs/**/*.py'), recursive=True))
 
 
-def test_every_shipped_config_is_listed():
-    names = {osp.relpath(p, ROOT) for p in SHIPPED}
-    assert {'configs/demo/atomnas_fashion_mnist.py', 'configs/atomnas_a.py',
-            'configs/retrain/atomnas-a_in1k.py',
-            'configs/mmdet/retinanet_atomnas-a_fpn_1x_coco.py'} <= names
-
-
-@pytest.mark.parametrize('path', SHIPPED,
-                         ids=[osp.relpath(p, ROOT) for p in SHIPPED])
+@pytest.mark.parametrize('path', CONFIGS,
+                         ids=[osp.relpath(p, ROOT) for p in CONFIGS])
 def test_shipped_configs_save_safely(path):
+    """Every config that trains checkpoints with SafeCheckpointHook; only
+    the _base_ parts may have no checkpoint hook."""
     cfg = Config.fromfile(path)
-    checkpoint = cfg.default_hooks.checkpoint
+    checkpoint = cfg.get('default_hooks', {}).get('checkpoint')
+    if checkpoint is None:
+        assert '/_base_/' in path, path
+        return
     hook = HOOKS.get(checkpoint['type'])
     assert hook is not None and issubclass(hook, SafeCheckpointHook), \
         checkpoint['type']
@@ -398,25 +394,6 @@ def test_fault_at_any_checkpoint_operation(tiny_arch, tmp_path, monkeypatch,
     # A best file whose record the fault prevented is kept (never lost).
     assert left - {'epoch_3.pth', osp.basename(best)} <= {orphan_best(ops)}
     assert temp_files(work_dir) == []
-
-
-@pytest.mark.slow
-def test_stock_checkpoint_hook_loses_the_run(tiny_arch, tmp_path,
-                                             monkeypatch):
-    """The same faults with mmengine's CheckpointHook: some leave nothing
-    to resume from (why the configs use SafeCheckpointHook)."""
-    broken = []
-    for nth in (1, 2):  # epoch_2.pth: its first write; its re-save
-        work_dir = str(tmp_path / str(nth))
-        try:
-            run_with_fault(tiny_arch, work_dir, 'CheckpointHook',
-                           ('write epoch_2.pth', nth), monkeypatch)
-        except (FileNotFoundError, UnreadableCheckpointError) as e:
-            broken.append((nth, type(e).__name__))
-    # 1: epoch_1.pth was removed before the write, last_checkpoint names it;
-    # 2: epoch_2.pth was truncated in place.
-    assert broken == [(1, 'FileNotFoundError'),
-                      (2, 'UnreadableCheckpointError')]
 
 
 # -- a real training process killed half-way through a write ------------------------

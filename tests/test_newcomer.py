@@ -30,11 +30,6 @@ def bash_function(name):
 
 
 @pytest.mark.slow
-def test_install_sh_parses():
-    subprocess.run(['bash', '-n', INSTALL], check=True)
-
-
-@pytest.mark.slow
 def test_install_sh_reports_progress_while_mmcv_compiles(tmp_path):
     """A stand-in build (two objects, 8 s): progress lines with the elapsed
     time, the objects compiled and the file being compiled."""
@@ -86,8 +81,6 @@ def test_readme_names_only_files_that_exist():
     assert len(paths) > 10
     missing = sorted(p for p in paths if not osp.exists(osp.join(ROOT, p)))
     assert not missing, missing
-    for name in ('ATOMNAS.md', 'ENVIRONMENT.md', 'DESIGN.md', '../shared'):
-        assert name not in text
 
 
 def files_of(folder, skip):
