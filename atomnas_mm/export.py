@@ -526,7 +526,14 @@ class OnnxClassifier(torch.nn.Module):
         return out.softmax(-1) if self.softmax else out
 
 
-def export_onnx(model, out, shape=(224, 224), opset=17, softmax=False):
+#: Export forms of ``export_onnx``: the ONNX Runtime form's part choice
+#: (:data:`atomnas_mm.models.deploy_onnx.MERGE_MODES`) or ``'modules'``, the
+#: modules as built (the form before issue 21; 0.4-0.5x slower there).
+EXPORT_FORMS = ('auto', 'split', 'merged', 'modules')
+
+
+def export_onnx(model, out, shape=(224, 224), opset=17, softmax=False,
+                merge='auto', align=None):
     """Write an mmpretrain classifier to ONNX with a dynamic batch.
 
     The graph takes the normalised batch (what the config's
@@ -535,11 +542,32 @@ def export_onnx(model, out, shape=(224, 224), opset=17, softmax=False):
     (probabilities with ``softmax``). Uses torch's TorchScript exporter
     (``dynamo=False``), which needs only the ``onnx`` package.
 
+    The graph is the exact ONNX Runtime form of
+    :func:`atomnas_mm.models.deploy_onnx.onnx_model` (BN folded, each
+    AtomNAS block's kernel groups in parts widened with zero channels to a
+    multiple of ``align``), unless ``merge='modules'``.
+
+    Args:
+        merge (str): One of :data:`EXPORT_FORMS`.
+        align (int, optional): Channel alignment (default
+            :data:`~atomnas_mm.models.deploy_onnx.DEFAULT_ALIGN`; 1: none).
+
     Returns:
-        torch.nn.Module: The exported module (for :func:`verify_onnx`).
+        torch.nn.Module: The unconverted model wrapped as exported (for
+        :func:`verify_onnx`: the reference outputs).
     """
+    from .models.deploy_onnx import DEFAULT_ALIGN, onnx_model
+    if merge not in EXPORT_FORMS:
+        raise ValueError(f'--deploy-form must be one of {EXPORT_FORMS}, got '
+                         f'{merge!r}')
+    if align is None:
+        align = DEFAULT_ALIGN
+    if not isinstance(align, int) or isinstance(align, bool) or align < 1:
+        raise ValueError(f'--align must be a positive int, got {align!r}')
     module = OnnxClassifier(model, softmax).eval()
     dummy = torch.randn(1, input_channels(model), *shape)
+    exported = module if merge == 'modules' else onnx_model(
+        module, dummy, align=align, merge=merge)
     with torch.no_grad(), warnings.catch_warnings():
         # The TorchScript exporter is chosen on purpose (the dynamo one needs
         # onnxscript); torch warns that it is the legacy one.
@@ -549,7 +577,7 @@ def export_onnx(model, out, shape=(224, 224), opset=17, softmax=False):
         warnings.filterwarnings('ignore', category=DeprecationWarning,
                                 message='The feature will be removed')
         torch.onnx.export(
-            module, (dummy, ), out, dynamo=False, opset_version=opset,
+            exported, (dummy, ), out, dynamo=False, opset_version=opset,
             input_names=['input'], output_names=['output'],
             dynamic_axes={'input': {0: 'batch'}, 'output': {0: 'batch'}})
     return module

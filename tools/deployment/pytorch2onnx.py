@@ -10,6 +10,13 @@ When the checkpoint stores a searched architecture (``meta['atomnas_arch']``)
 the model is built with it, so a search checkpoint exports with its search
 config. The work is done by :mod:`atomnas_mm.export`.
 
+The graph is the exact ONNX Runtime form (:mod:`atomnas_mm.models.deploy_onnx`,
+docs/benchmarks.md "Deployment"): BN folded, every AtomNAS block's kernel
+groups in parts widened with zero channels to a multiple of ``--align`` (16:
+ONNX Runtime's channel block on AVX-512 CPUs, aligned for AVX2's 8 too), the
+parts chosen per block (``--deploy-form auto``); same outputs.
+``--deploy-form modules`` exports the modules as built (slower there).
+
 Uses torch's TorchScript-based exporter (``dynamo=False``), which needs only
 the ``onnx`` package; ``--verify`` compares with onnxruntime.
 
@@ -53,6 +60,14 @@ def parse_args(argv=None):
     parser.add_argument('--opset', type=int, default=17, help='ONNX opset')
     parser.add_argument('--softmax', action='store_true',
                         help='output probabilities instead of logits')
+    parser.add_argument('--deploy-form', default='auto',
+                        choices=['auto', 'split', 'merged', 'modules'],
+                        help='AtomNAS blocks: parts chosen per block (auto), '
+                        'one per kernel group (split), one merged depthwise '
+                        '(merged), or the modules as built')
+    parser.add_argument('--align', type=int,
+                        help='round every part up to a multiple of this many '
+                        'channels with zero channels (default 16; 1: none)')
     parser.add_argument('--verify', action='store_true',
                         help='compare with onnxruntime (batch 1 and 3)')
     return parser.parse_args(argv)
@@ -68,7 +83,10 @@ def main(argv=None):
     cfg = Config.fromfile(args.config)
     shape = parse_shape(args.shape) if args.shape else input_size(cfg)
     model = build_from_checkpoint(cfg, args.checkpoint)
-    module = export_onnx(model, args.out, shape, args.opset, args.softmax)
+    if args.align is not None and args.align < 1:
+        raise SystemExit(f'--align must be >= 1, got {args.align}')
+    module = export_onnx(model, args.out, shape, args.opset, args.softmax,
+                         merge=args.deploy_form, align=args.align)
     print(f'{args.out}: input [batch, {input_channels(model)}, {shape[0]}, '
           f'{shape[1]}]')
     if args.verify:
