@@ -225,7 +225,7 @@ def test_supernet_atom_cost_is_flops_weight():
             continue
         expected = torch.cat([torch.full((h, ), f / f_mean)
                               for f, h in zip(cost, row[4])])
-        torch.testing.assert_close(block.atom_cost, expected)
+        torch.testing.assert_close(block.penalty_weight, expected)
 
 
 def test_init_weights_starts_gates_at_one():

@@ -47,7 +47,7 @@ def build(arch, seed):
         head=dict(type='LinearClsHead', num_classes=5, in_channels=40)))
     with torch.no_grad():
         for name, t in model.state_dict().items():
-            if name.endswith(('num_batches_tracked', 'atom_cost')):
+            if name.endswith(('num_batches_tracked', 'penalty_weight')):
                 continue
             if name.endswith(('running_var', '.bn.weight')):
                 t.uniform_(0.5, 1.5)

@@ -6,6 +6,7 @@ import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from atomnas_mm.models import AtomicBlock, AtomNAS
+from atomnas_mm.models.block_surgery import remove_atoms
 from atomnas_mm.models.deploy import (DeployedAtomicBlock, deploy_model,
                                       merge_depthwise)
 
@@ -53,7 +54,7 @@ def test_deploy_channels_last_and_emptied_block():
     model = _randomise_bn(AtomNAS(arch=dict(rows=rows, stem_channels=16,
                                             last_channels=32),
                                   out_indices=(2, ))).eval()
-    model.layer2[1].remove_atoms(torch.zeros(0, dtype=torch.long))
+    remove_atoms(model.layer2[1], torch.zeros(0, dtype=torch.long))
     deployed = deploy_model(model)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():

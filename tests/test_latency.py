@@ -151,7 +151,7 @@ def test_latency_target_lands_through_the_runner(tmp_path):
     predicted = LatencyCost(table).total(runner.model.backbone)
     assert target <= predicted <= target * 1.02
     # The penalty weights are the table's per-atom latencies (all equal).
-    weights = runner.model.backbone.blocks()[1].atom_cost
+    weights = runner.model.backbone.blocks()[1].penalty_weight
     assert weights.numel() == 0 or weights.std() < 1e-6
     assert shrink_hook(runner).history[0]['cost'] == pytest.approx(
         supernet_ms)

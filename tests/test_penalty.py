@@ -39,9 +39,9 @@ def atom_weights(backbone):
     """``{gamma: its atoms' penalty weights p}`` of the searchable blocks."""
     weights = {}
     for block in backbone.blocks():
-        if block.has_expand:
+        if block.searchable:
             gammas = [m.norm.weight for m in block.dw.values()]
-            weights.update(zip(gammas, block.atom_cost.split(
+            weights.update(zip(gammas, block.penalty_weight.split(
                 [len(g) for g in gammas])))
     return weights
 
@@ -50,10 +50,10 @@ def expected_penalty_and_grads(backbone):
     """sum p*|gamma| and d/dgamma = p*sign(gamma), by hand per atom."""
     total, grads = 0.0, {}
     for block in backbone.blocks():
-        if not block.has_expand:
+        if not block.searchable:
             continue
         gammas = [m.norm.weight for m in block.dw.values()]
-        costs = block.atom_cost.split([len(g) for g in gammas])
+        costs = block.penalty_weight.split([len(g) for g in gammas])
         for gamma, cost in zip(gammas, costs):
             total += float((cost * gamma.detach().abs()).sum())
             grads[gamma] = cost * gamma.detach().sign()
@@ -83,12 +83,13 @@ def test_bn_l1_penalty_value_and_gradient():
 def test_bn_l1_penalty_uses_atom_cost_and_all_backbones():
     backbone = AtomNAS(ARCH, out_indices=(2, ))
     block = backbone.blocks()[1]
-    block.atom_cost.fill_(2.0)
-    want = 2.0 * 16 + float(backbone.blocks()[2].atom_cost.sum())  # gamma=1
+    block.penalty_weight.fill_(2.0)
+    # gamma = 1
+    want = 2.0 * 16 + float(backbone.blocks()[2].penalty_weight.sum())
     assert bn_l1_penalty(backbone).item() == pytest.approx(want, rel=1e-6)
     twice = nn.ModuleDict(dict(a=backbone, b=AtomNAS(ARCH, out_indices=(2, ))))
-    other = float(twice['b'].blocks()[1].atom_cost.sum()
-                  + twice['b'].blocks()[2].atom_cost.sum())
+    other = float(twice['b'].blocks()[1].penalty_weight.sum()
+                  + twice['b'].blocks()[2].penalty_weight.sum())
     assert bn_l1_penalty(twice).item() == pytest.approx(want + other,
                                                         rel=1e-6)
     assert bn_l1_penalty(nn.Linear(2, 2)).item() == 0

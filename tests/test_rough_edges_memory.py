@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from atomnas_mm.models import AtomNAS
-from atomnas_mm.models.blocks import _FORWARD_STATE, _INFERENCE_CACHE
+from atomnas_mm.models.fast_forms import _FORWARD_STATE, _INFERENCE_CACHE
 from atomnas_mm.search import apply_plan, plan_shrink
 
 ROWS = [[8, 1, 1, [3], [8], False], [12, 1, 2, [3, 5, 7], [6, 6, 6], True],

@@ -96,10 +96,10 @@ def test_shrunk_net_round_trips_through_rows():
 def test_atom_costs_travel_with_atoms():
     net = small_net()
     kill_atoms(net)
-    cost = net.blocks()[1].atom_cost.clone()
+    cost = net.blocks()[1].penalty_weight.clone()
     plan = plan_shrink(net)
     shrink_model(net)
-    assert torch.equal(net.blocks()[1].atom_cost, cost[plan['layer2.0']])
+    assert torch.equal(net.blocks()[1].penalty_weight, cost[plan['layer2.0']])
 
 
 def test_removed_cost():

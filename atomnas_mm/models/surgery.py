@@ -3,7 +3,7 @@
 Everything here edits modules in place and returns (or fills) a *remap*
 ``{old Parameter: ParamChange}`` that the optimizer state and the EMA copy
 follow (``atomnas_mm.search.shrink``). The AtomNAS block's own surgery
-(:meth:`~atomnas_mm.models.blocks.AtomicBlock.remove_atoms`) and the channel
+(:func:`~atomnas_mm.models.block_surgery.remove_atoms`) and the channel
 units of other models (``atomnas_mm.search.units``) are built from these.
 """
 from typing import NamedTuple, Optional, Tuple

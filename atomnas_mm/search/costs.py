@@ -182,11 +182,12 @@ def penalty_weights(backbone, cost):
 
 
 def set_penalty_weights(backbone, cost):
-    """Store :func:`penalty_weights` in the blocks' ``atom_cost`` buffers."""
+    """Store :func:`penalty_weights` in the blocks' ``penalty_weight``
+    buffers."""
     weights, _ = penalty_weights(backbone, cost)
     for block, weight in zip(backbone.blocks(), weights):
         if weight is not None:
-            block.atom_cost.copy_(weight)
+            block.penalty_weight.copy_(weight)
 
 
 TABLE_VERSION = 2

@@ -22,7 +22,7 @@ def penalised_atoms(model, weights=None, units=None):
         model (nn.Module): A model, possibly wrapped (DDP).
         weights (dict, optional): ``{unit name: float}``, the weight of the
             channels of units that are not AtomNAS blocks (1 when missing);
-            an AtomNAS block's atoms carry theirs (``atom_cost``).
+            an AtomNAS block's atoms carry theirs (``penalty_weight``).
         units (dict, optional): The model's units (found when None; a hook
             passes the ones it found once: units stay valid across shrinks).
 
@@ -43,7 +43,7 @@ def penalised_atoms(model, weights=None, units=None):
 
 def _weights(unit, name, weights, like):
     if isinstance(unit, AtomUnit):
-        return unit.block.atom_cost
+        return unit.block.penalty_weight
     value = 1.0 if weights is None else weights.get(name, 1.0)
     return torch.full((unit.num_channels, ), float(value),
                       device=like.device)

@@ -4,7 +4,8 @@ Atoms are addressed by block name (its path in the model, stable across
 shrinks) and position in the block's atom order. A *plan*
 ``{block_name: LongTensor of kept atoms}`` is decided once and applied to the
 live model, the EMA copy and the optimizer state alike. The per-block work is
-:meth:`AtomicBlock.remove_atoms`; this module orchestrates.
+:func:`~atomnas_mm.models.block_surgery.remove_atoms`; this module
+orchestrates.
 """
 import math
 import warnings

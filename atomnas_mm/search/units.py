@@ -18,8 +18,9 @@ channel indices}``.
 import torch
 import torch.nn as nn
 
-from ..models.blocks import AtomicBlock
-from ..models.surgery import compose, slice_conv, slice_norm
+from ..models.block_surgery import (atom_removal_error_bound,
+                                    check_atom_keep, remove_atoms)
+from ..models.surgery import compose, slice_conv, slice_norm, slice_param
 
 
 class SearchRefused(ValueError):
@@ -225,7 +226,6 @@ class ChannelUnit:
 
 
 def _slice_linear_in(layer, index, remap):
-    from ..models.surgery import slice_param
     slice_param(layer, 'weight', 1, index, remap)
     layer.in_features = len(index)
 
@@ -270,13 +270,13 @@ class AtomUnit:
         return out
 
     def check_keep(self, keep):
-        return self.block.check_keep(keep)
+        return check_atom_keep(self.block, keep)
 
     def error_bound(self, keep):
-        return self.block.removal_error_bound(keep)
+        return atom_removal_error_bound(self.block, keep)
 
     def remove(self, keep, fold=True):
-        return self.block.remove_atoms(keep, fold=fold)
+        return remove_atoms(self.block, keep, fold=fold)
 
 
 # -- finding ------------------------------------------------------------------

@@ -209,10 +209,55 @@ def _put_bn(out, prefix, bn):
         out[f'{prefix}.{k}'] = v
 
 
+def block_state(block, dw, project_bn, expand=None, project=None, se=None):
+    """An AtomicBlock's state dict (relative keys) from fused tensors.
+
+    Args:
+        block (AtomicBlock): The block of the mm backbone.
+        dw (list[tuple[Tensor, dict]]): Per kernel group, in order, the
+            depthwise weight ``(h, 1, k, k)`` and its BN tensors.
+        project_bn (dict): Projection BN tensors (``weight``, ``bias``,
+            ``running_mean``, ``running_var``).
+        expand (tuple[Tensor, dict], optional): Expand weight and BN.
+        project (Tensor, optional): Projection weight (None when the block
+            has no atoms left: its BN's response to 0 becomes ``bias``).
+        se (list[Tensor], optional): Squeeze weight, bias, excite weight,
+            bias.
+
+    Returns:
+        dict[str, Tensor]
+    """
+    from atomnas_mm.models.blocks import dw_key
+    out = {}
+
+    def put(prefix, cm, weight, bn):
+        out[f'{prefix}.conv.weight'] = weight
+        for key, value in bn.items():
+            out[f'{prefix}.{cm.norm_name}.{key}'] = value
+
+    if project is None:
+        eps = 1e-3 if block.project is None else block.project.norm.eps
+        scale = project_bn['weight'] / torch.sqrt(
+            project_bn['running_var'] + eps)
+        out['bias'] = project_bn['bias'] - project_bn['running_mean'] * scale
+        return out
+    if expand is not None:
+        put('expand', block.expand, *expand)
+    for weight, bn in dw:
+        key = dw_key(weight.shape[-1])
+        put(f'dw.{key}', block.dw[key], weight, bn)
+    if se is not None:
+        for key, value in zip(('conv1.conv.weight', 'conv1.conv.bias',
+                               'conv2.conv.weight', 'conv2.conv.bias'), se):
+            out[f'se.{key}'] = value
+    put('project', block.project, project, project_bn)
+    return out
+
+
 def _put_block(out, name, module, block):
     """Write one block's fused tensors under ``backbone.{name}``."""
-    parts = module.state_from_parts(
-        dw=block['dw'], project_bn=block['project_bn'],
+    parts = block_state(
+        module, dw=block['dw'], project_bn=block['project_bn'],
         expand=(block['expand'], block['expand_bn']) if 'expand' in block
         else None,
         project=block.get('project') if block['dw'] else None,
@@ -245,7 +290,7 @@ def convert(ckpt):
     for k, v in fresh.items():
         key = f'backbone.{k}'
         if key not in out:
-            if not k.endswith(('atom_cost', 'num_batches_tracked')):
+            if not k.endswith(('penalty_weight', 'num_batches_tracked')):
                 raise KeyError(f'SRC: no weights found for {key}')
             out[key] = v
         elif out[key].shape != v.shape:

@@ -9,8 +9,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ...registry import MODELS
 from ..archs import ARCH_KEYS, Row, get_arch, parse_arch, supernet_rows
-from ..blocks import (AtomicBlock, conv_module_forward, drop_inference_cache,
-                      dw_key)
+from ..block_surgery import check_atom_keep, remove_atoms
+from ..blocks import AtomicBlock, dw_key
+from ..fast_forms import conv_module_forward, drop_inference_cache
 
 __all__ = ['ARCH_KEYS', 'AtomNAS']
 
@@ -123,7 +124,7 @@ class AtomNAS(BaseBackbone):
         self._freeze_stages()
 
     def _set_penalty_weights(self):
-        """``atom_cost`` = per-atom FLOPs at 224 px over their mean."""
+        """``penalty_weight`` = per-atom FLOPs at 224 px over their mean."""
         from ...search.costs import FLOPsCost, set_penalty_weights
         set_penalty_weights(self, FLOPsCost(224))
 
@@ -232,6 +233,10 @@ class AtomNAS(BaseBackbone):
                               error_msgs):
         """Narrow to the checkpoint's widths, then refuse any other
         architecture instead of skipping its weights."""
+        for key in [k for k in state_dict if k.startswith(prefix)
+                    and k.endswith('.atom_cost')]:  # older checkpoints' name
+            state_dict[key[:-len('atom_cost')] + 'penalty_weight'] = \
+                state_dict.pop(key)
         self._reshape_to_state_dict(state_dict, prefix)
         ours = [k for k in state_dict if k.startswith(prefix)]
         if ours:
@@ -275,12 +280,12 @@ class AtomNAS(BaseBackbone):
                 plan[block] = keep
         try:
             for block, keep in plan.items():
-                block.check_keep(keep)
+                check_atom_keep(block, keep)
         except ValueError:
             return  # not a narrowing: reported as a mismatch
         remap = {}
         for block, keep in plan.items():
-            remap.update(block.remove_atoms(keep, fold=False))
+            remap.update(remove_atoms(block, keep, fold=False))
         # What holds the old parameters (an optimizer or EMA copy built
         # before init_weights) is made to follow by AtomShrinkHook.
         self.load_remap = {**getattr(self, 'load_remap', {}), **remap}
