@@ -191,6 +191,9 @@ def set_penalty_weights(backbone, cost):
 
 
 TABLE_VERSION = 2
+#: runtimes a latency table can describe; how a block's kernel groups run
+RUNTIMES = ('torch', 'onnxruntime')
+FORMS = ('merged', 'split')
 
 
 @SEARCH.register_module()
@@ -200,14 +203,27 @@ class LatencyCost:
     The table (``tools/analysis_tools/atom_latency_table.py``) holds, for
     every block of the supernet and each of its kernel sizes ``k``, the
     measured latency ``L_k(w)`` of the block with one group of kernel ``k``
-    and width ``w``, for a few ``w`` up to the block's total width, plus the
-    stem and head. In eval mode (and after ``deploy_model``) a block runs its
-    kernel groups as one depthwise conv of its largest kernel, zero-padded:
-    a block with widths ``h`` costs ``L_kmax(sum h)``, interpolated linearly
-    between the samples (``base``, the curves' extrapolation to width 0,
-    below the first); an emptied block costs its measured identity time. An
-    atom costs the mean slope of its kernel's curve, ``(L_k(max) - base) /
-    max`` (the penalty weight).
+    and width ``w``, for a few ``w``, plus the stem and head, in one runtime
+    (``table['runtime']``: ``torch`` or ``onnxruntime``). How a block runs
+    its kernel groups is the table's ``form``:
+
+    * ``merged`` (PyTorch's eval mode, ``deploy_model``): one zero-padded
+      depthwise conv of its largest kernel; a block with widths ``h`` costs
+      ``L_kmax(sum h)``;
+    * ``split`` (the graph ``pytorch2onnx.py`` exports): one conv per group;
+      ``base + sum_k (L_k(h_k) - base) + group_ms * (groups - 1)``, where
+      ``group_ms`` (measured) is the Split/Concat and extra conv of a group.
+
+    With ``align`` > 1 the deployed form pads every group to a multiple of
+    it: widths are rounded up first. Curves are interpolated linearly between
+    the samples (``base``, their extrapolation to width 0, below the first);
+    an emptied block costs its measured identity time (0 for a residual
+    block). An atom costs the mean slope of its kernel's curve,
+    ``(L_k(max) - base) / max``; in a residual block also an equal share of
+    what emptying the block saves beyond the slopes (its fixed cost), so the
+    atoms of a block add up to its cost: the penalty weights and the live
+    cost see that emptying a block pays (at small inputs the fixed cost is
+    most of a block's latency).
 
     Args:
         table (str | dict): The JSON table or its path.
@@ -235,6 +251,10 @@ class LatencyCost:
         from .latency import check_table
         check_table(table, self.source)  # finite, >= 0: names the field
         self.table = _monotone(table)
+        self.runtime = table.get('runtime', 'torch')
+        self.form = table.get('form', 'merged')
+        self.align = table.get('align', 1)
+        self.quantum = table.get('quantum', 1)
 
     def _entries(self, backbone):
         entries = self.table['blocks']
@@ -253,22 +273,42 @@ class LatencyCost:
         return zip(entries, blocks)
 
     @staticmethod
-    def _curve(entry, kernel):
+    def _curve(entry, kernel, width=None, quantum=1):
+        """The samples of ``kernel``'s curve (those of the unaligned widths
+        when ``width`` is no multiple of ``quantum`` and the table has
+        them)."""
         curve = entry['kernels'].get(str(kernel))
         if curve is None:
             raise ValueError(f'table: no samples for kernel {kernel} in '
                              f'block {entry["index"]}')
+        if width is not None and width % quantum and 'off_ms' in curve:
+            return curve['off_widths'], curve['off_ms']
         return curve['widths'], curve['ms']
 
     @classmethod
-    def block_ms(cls, entry, groups):
-        """Predicted latency of a block with ``[(kernel, width), ...]``."""
-        groups = [(k, h) for k, h in groups if h > 0]
+    def _width_ms(cls, entry, kernel, width, quantum):
+        widths, ms = cls._curve(entry, kernel, width, quantum)
+        return _interp(width, [0] + widths, [entry['base_ms']] + ms)
+
+    @classmethod
+    def block_ms(cls, entry, groups, form='merged', align=1, quantum=1):
+        """Predicted latency of a block with ``[(kernel, width), ...]``
+        run in ``form``, its groups padded to multiples of ``align``."""
+        groups = [(k, -(-h // align) * align) for k, h in groups if h > 0]
         if not groups:
             return entry['empty_ms']
-        widths, ms = cls._curve(entry, max(k for k, _ in groups))
-        return _interp(sum(h for _, h in groups), [0] + widths,
-                       [entry['base_ms']] + ms)
+        if form == 'merged':
+            return cls._width_ms(entry, max(k for k, _ in groups),
+                                 sum(h for _, h in groups), quantum)
+        base = entry['base_ms']
+        out = base + entry.get('group_ms', 0.0) * (len(groups) - 1)
+        for k, h in groups:
+            out += cls._width_ms(entry, k, h, quantum) - base
+        return out
+
+    def _block_ms(self, entry, groups):
+        return self.block_ms(entry, groups, self.form, self.align,
+                             self.quantum)
 
     def atom_costs(self, backbone):
         costs = []
@@ -281,17 +321,32 @@ class LatencyCost:
                 widths, ms = self._curve(entry, k)
                 return max(ms[-1] - entry['base_ms'], 0.0) / widths[-1]
 
-            costs.append(_per_atom(block, slope))
+            if self.form == 'split':
+                # each group alone: its mean cost per atom at its width now
+                # (unaligned widths run another path)
+                per = torch.cat([torch.full((h, ), max(self._width_ms(
+                    entry, k, -(-h // self.align) * self.align,
+                    self.quantum) - entry['base_ms'], 0.0) / h)
+                    for k, h in block.atom_groups() if h] or
+                    [torch.zeros(0)])
+            else:
+                per = _per_atom(block, slope)
+            if block.use_res and per.numel():
+                # Emptying the block saves its fixed cost too.
+                fixed = self._block_ms(entry, block.atom_groups()) - \
+                    entry['empty_ms'] - per.sum().item()
+                per += max(fixed, 0.0) / per.numel()
+            costs.append(per)
         return costs
 
     def block_cost_fns(self, backbone):
-        return [(lambda groups, entry=entry: self.block_ms(entry, groups))
+        return [(lambda groups, entry=entry: self._block_ms(entry, groups))
                 if block.searchable else None
                 for entry, block in self._entries(backbone)]
 
     def total(self, backbone):
         return self.table['stem_ms'] + self.table['head_ms'] + sum(
-            self.block_ms(entry, block.atom_groups())
+            self._block_ms(entry, block.atom_groups())
             for entry, block in self._entries(backbone))
 
 
@@ -303,13 +358,17 @@ def _monotone(table):
     table = copy.deepcopy(table)
     for entry in table['blocks']:
         lowest = min([c['ms'][0] for c in entry['kernels'].values()] +
-                     [entry['base_ms']])
+                     [c['off_ms'][0] for c in entry['kernels'].values()
+                      if c.get('off_ms')] + [entry['base_ms']])
         entry['base_ms'] = lowest
         for curve in entry['kernels'].values():
-            running = []
-            for ms in curve['ms']:
-                running.append(max(ms, running[-1] if running else lowest))
-            curve['ms'] = running
+            for key in ('ms', 'off_ms'):
+                running = []
+                for ms in curve.get(key, ()):
+                    running.append(max(ms, running[-1] if running else
+                                       lowest))
+                if key in curve:
+                    curve[key] = running
     return table
 
 
@@ -359,23 +418,24 @@ class WidthCost:
         full = dict(self.state, **state)
         return self.fixed + sum(fn(full) for fn in self._terms)
 
-    def removal(self, name, group):
-        """The cost change of removing one channel of ``group`` of unit
-        ``name`` from the current state (<= 0)."""
+    def removal(self, name, group, count=1):
+        """The cost change of removing ``count`` channels of ``group`` of
+        unit ``name`` from the current state (<= 0)."""
         trial = dict(self.state)
         trial[name] = list(trial[name])
-        trial[name][group] -= 1
+        trial[name][group] -= count
         return sum(fn(trial) - fn(self.state) for fn in self.terms_of[name])
 
-    def remove(self, name, group):
+    def remove(self, name, group, count=1):
         """Commit :meth:`removal`; returns the new total."""
-        self.total += self.removal(name, group)
+        self.total += self.removal(name, group, count)
         self.state[name] = list(self.state[name])
-        self.state[name][group] -= 1
+        self.state[name][group] -= count
         return self.total
 
-    def smallest(self):
-        """The cost with every unit at its minimum width, the cheapest
+    def smallest(self, round_to=1):
+        """The cost with every unit at its minimum width (rounded up to a
+        multiple of ``round_to``, at most its width now), the cheapest
         channels kept."""
         state = {}
         for name, unit in self.units.items():
@@ -383,7 +443,9 @@ class WidthCost:
             if unit.min_width:
                 per = [-self.removal(name, g) if self.state[name][g] else
                        float('inf') for g in range(len(widths))]
-                widths[per.index(min(per))] = unit.min_width
+                g = per.index(min(per))
+                widths[g] = min(self.state[name][g], -(-unit.min_width //
+                                                      round_to) * round_to)
             state[name] = widths
         return self.at(state)
 

@@ -1,19 +1,34 @@
 """Measure latency tables for :class:`~atomnas_mm.search.costs.LatencyCost`.
 
-A table is measured on the machine it will describe: every block of a
-backbone is rebuilt alone with one group of each of its kernel sizes at a few
-widths up to the block's total width and timed (eval mode, no grad, the
-inference form that deployment runs) with ``torch.utils.benchmark``; stem and
-head too.
+A table is measured on the machine and in the runtime it will describe:
+every block of a backbone is rebuilt alone with one group of each of its
+kernel sizes at a few widths and timed, stem and head too.
+
+* ``runtime='torch'``: eval mode, no grad, the inference form PyTorch runs
+  (one zero-padded depthwise conv of the largest kernel per block), timed
+  with ``torch.utils.benchmark``.
+* ``runtime='onnxruntime'``: each part exported alone with torch's ONNX
+  exporter (the eval-mode graph ``tools/deployment/pytorch2onnx.py``
+  writes: ``form='split'``, one depthwise conv per kernel group between a
+  Split and a Concat; ``form='merged'``: the :func:`deploy_model` form) and
+  timed in an ONNX Runtime CPU session (graph optimisation ALL, a fixed
+  intra-op thread count, warm-up, the median of single runs). The fixed
+  cost of one ``session.run`` call (an Identity graph of the part's input)
+  is subtracted from every part but the stem: the whole net pays it once.
 """
 import copy
+import io
+import math
 import random
+import statistics
+import time
+import warnings
 
 import torch
 from torch.utils import benchmark
 
 from ..models.blocks import AtomicBlock
-from .costs import TABLE_VERSION, LatencyCost
+from .costs import FORMS, RUNTIMES, TABLE_VERSION, LatencyCost
 
 
 def measure_ms(module, x, min_run_time=0.1):
@@ -28,53 +43,196 @@ def measure_ms(module, x, min_run_time=0.1):
         return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
 
 
-def _block_like(block, kernel, width):
-    """A fresh block of ``block``'s geometry with one group ``(k, w)``."""
+def onnx_bytes(module, x, opset=17):
+    """``module`` (eval mode) exported to ONNX in memory, input ``x``."""
+    module = module.eval()
+    buffer = io.BytesIO()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # the legacy exporter, on purpose
+        torch.onnx.export(module, (x, ), buffer, dynamo=False,
+                          opset_version=opset, input_names=['input'])
+    return buffer.getvalue()
+
+
+def ort_session(model, threads=1):
+    """An ONNX Runtime CPU session of ``model`` (bytes or a path): graph
+    optimisation ALL, ``threads`` intra-op threads, sequential."""
+    import onnxruntime
+    options = onnxruntime.SessionOptions()
+    options.graph_optimization_level = \
+        onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
+    return onnxruntime.InferenceSession(
+        model, options, providers=['CPUExecutionProvider'])
+
+
+def time_session(session, x, min_run_time=0.1, warmup=20, min_runs=20):
+    """Median of single ``session.run`` calls on ``x`` in milliseconds,
+    after ``warmup`` runs, for at least ``min_run_time`` seconds."""
+    feed = {session.get_inputs()[0].name: x.detach().cpu().numpy()}
+    for _ in range(warmup):
+        session.run(None, feed)
+    times, start = [], time.perf_counter()
+    while len(times) < min_runs or time.perf_counter() - start < min_run_time:
+        begin = time.perf_counter()
+        session.run(None, feed)
+        times.append(time.perf_counter() - begin)
+    return statistics.median(times) * 1e3
+
+
+class _Copy(torch.nn.Module):
+    """The empty part (exported as one Identity): a session call's cost."""
+
+    def forward(self, x):
+        return x.clone()
+
+
+def measure_ms_ort(module, x, threads=1, min_run_time=0.1):
+    """Median latency of ``module`` exported to ONNX and run in ONNX Runtime
+    (CPU, ``threads`` intra-op threads), in milliseconds."""
+    return time_session(ort_session(onnx_bytes(module, x), threads), x,
+                        min_run_time)
+
+
+def deployed(module, form):
+    """The form of ``module`` a runtime runs: ``'merged'``: the
+    :func:`~atomnas_mm.models.deploy.deploy_model` copy (BN folded, kernel
+    groups in one padded depthwise conv); ``'split'``: as it is."""
+    if form == 'merged':
+        from ..models.deploy import deploy_model
+        return deploy_model(module)
+    return module
+
+
+def _block_like(block, groups):
+    """A fresh block of ``block``'s geometry with ``[(k, w), ...]``."""
     norm = block.expand or block.project or next(iter(block.dw.values()))
     return AtomicBlock(
-        block.in_channels, block.out_channels, block.stride, [kernel],
-        [width], block.has_expand, se_channels=block.se_channels,
+        block.in_channels, block.out_channels, block.stride,
+        [k for k, _ in groups], [w for _, w in groups], block.has_expand,
+        se_channels=block.se_channels,
         act_cfg=copy.deepcopy(getattr(norm, 'act_cfg', None) or
                               dict(type='ReLU')))
 
 
+def _round_up(width, align):
+    return -(-width // align) * align
+
+
+def sample_widths(top, samples, step=1):
+    """Widths a curve is measured at: ``step`` (the narrowest: the low end
+    decides whether emptying a block pays) and ``samples`` evenly spaced up
+    to ``top``, all multiples of ``step``."""
+    top = _round_up(top, step)
+    return sorted({step} | {_round_up(max(1, round(top * (j + 1) / samples)),
+                                      step) for j in range(samples)})
+
+
+def off_widths(widths, align, quantum):
+    """The unaligned widths measured next to aligned ``widths``: ``align``
+    and one ``align`` step below each, those not multiples of ``quantum``."""
+    return sorted(w for w in {align} | {w - align for w in widths}
+                  if w >= 1 and w % quantum)
+
+
 def measure_table(backbone, device='cpu', batch=1, input_size=224,
-                  samples=4, min_run_time=0.1, progress=True):
+                  samples=4, min_run_time=0.1, progress=True,
+                  runtime='torch', threads=None, form=None, align=1,
+                  quantum=None):
     """Measure the latency table of ``backbone`` on ``device``.
 
     Args:
         backbone (AtomNAS): The supernet whose blocks are measured (at their
             current widths, the largest of the table).
-        device (str): ``'cpu'`` or ``'cuda'``.
+        device (str): ``'cpu'`` or ``'cuda'`` (``onnxruntime``: ``'cpu'``).
         batch (int): Batch size.
         input_size (int): Image side.
         samples (int): Widths measured per kernel size (evenly spaced up to
-            the block's total width).
+            the block's total width, ``'split'``: the group's width), plus
+            the narrowest (``align``).
         min_run_time (float): Seconds of timing per measurement.
         progress (bool): Show mmengine's progress bar.
+        runtime (str): ``'torch'`` or ``'onnxruntime'``.
+        threads (int, optional): Intra-op threads (``onnxruntime``: default
+            1; ``torch``: the process's, ``torch.set_num_threads``).
+        form (str, optional): How a block's kernel groups run: ``'merged'``
+            (one padded depthwise conv; the only form of ``torch``) or
+            ``'split'`` (one conv per group: what ``pytorch2onnx.py``
+            exports; the default of ``onnxruntime``).
+        align (int): The deployed form pads every kernel group to a multiple
+            of this width; curves are measured at such widths.
+        quantum (int, optional): A conv whose width is a multiple of it runs
+            another (faster) path: ONNX Runtime's blocked NCHWc convs need
+            multiples of 4 (default 4 for ``onnxruntime``, 1 for ``torch``).
+            With ``quantum`` > 1 every curve has a second one (``off_widths``,
+            ``off_ms``) for the other widths.
 
     Returns:
         dict: The table (JSON-serialisable).
     """
     from mmengine.utils import ProgressBar
+    if runtime not in RUNTIMES:
+        raise ValueError(f'runtime: one of {RUNTIMES}, got {runtime!r}')
+    form = form or ('merged' if runtime == 'torch' else 'split')
+    if form not in FORMS:
+        raise ValueError(f'form: one of {FORMS}, got {form!r}')
+    if runtime == 'torch' and form != 'merged':
+        raise ValueError("form: PyTorch runs a block's kernel groups merged "
+                         "(eval mode); 'split' is an exported form")
+    if runtime == 'onnxruntime' and str(device) != 'cpu':
+        raise ValueError(f'device: onnxruntime tables are measured on the '
+                         f'CPU, got {device!r}')
+    if not isinstance(align, int) or isinstance(align, bool) or align < 1:
+        raise ValueError(f'align: a positive int, got {align!r}')
+    if runtime == 'torch':
+        threads = torch.get_num_threads()
+    elif threads is None:
+        threads = 1
+    if quantum is None:
+        quantum = 4 if runtime == 'onnxruntime' else 1
+    if not isinstance(quantum, int) or isinstance(quantum, bool) or \
+            quantum < 1:
+        raise ValueError(f'quantum: a positive int, got {quantum!r}')
+    step = align * quantum // math.gcd(align, quantum)
     blocks = backbone.blocks()
-    jobs = sum(len(b.atom_groups()) * samples for b in blocks) + 2
+    jobs = sum(len(b.atom_groups()) * (samples + 1) * (1 + (step > align)) + 1
+               for b in blocks) + 2
     bar = ProgressBar(jobs) if progress else None
 
     def tick():
         if bar is not None:
             bar.update()
 
-    def run(module, shape):
-        module = module.to(device)
-        ms = measure_ms(module, torch.randn(shape, device=device),
-                        min_run_time)
+    calls = {}
+
+    def call_ms(shape):
+        """The cost of one session call on an input of ``shape``."""
+        if runtime == 'torch':
+            return 0.0
+        if shape not in calls:
+            calls[shape] = measure_ms_ort(_Copy(), torch.randn(shape),
+                                          threads, min_run_time)
+        return calls[shape]
+
+    def run(module, shape, whole_call=False):
+        """``module``'s time on ``shape``; without the session call's own
+        cost unless ``whole_call`` (the stem: the net pays it once)."""
+        x = torch.randn(shape, device=device)
+        if runtime == 'torch':
+            ms = measure_ms(module.to(device).eval(), x, min_run_time)
+        else:
+            ms = measure_ms_ort(deployed(module.eval(), form), x, threads,
+                                min_run_time)
+            if not whole_call:
+                ms = max(0.0, ms - call_ms(shape))
         tick()
         return ms
 
     channels = backbone.in_channels
-    stem_ms = run(copy.deepcopy(backbone.conv1),
-                  (batch, channels, input_size, input_size))
+    net_shape = (batch, channels, input_size, input_size)
+    stem_ms = run(copy.deepcopy(backbone.conv1), net_shape, whole_call=True)
     entries = []
     sizes = backbone.block_input_sizes(input_size)
     for i, (block, size) in enumerate(zip(blocks, sizes)):
@@ -82,14 +240,20 @@ def measure_table(backbone, device='cpu', batch=1, input_size=224,
         kernels = {}
         total = sum(h for _, h in block.atom_groups())
         for k, h in block.atom_groups():
-            # Up to the block's total width: with several groups the block
-            # runs as one group of its largest kernel (LatencyCost).
-            widths = sorted({max(1, round(total * (j + 1) / samples))
-                             for j in range(samples)})
             if not block.has_expand:
                 widths = [h]  # fixed width (no expand conv)
-            ms = [run(_block_like(block, k, w), shape) for w in widths]
+            else:
+                # merged: the block runs as one group of its largest kernel
+                # at its total width (LatencyCost); split: each group alone
+                widths = sample_widths(total if form == 'merged' else h,
+                                       samples, step)
+            ms = [run(_block_like(block, [(k, w)]), shape) for w in widths]
             kernels[str(k)] = dict(widths=widths, ms=ms)
+            off = off_widths(widths, align, quantum) if block.has_expand \
+                else []
+            if off:
+                kernels[str(k)].update(off_widths=off, off_ms=[
+                    run(_block_like(block, [(k, w)]), shape) for w in off])
         bases = []
         for curve in kernels.values():
             w, ms = curve['widths'], curve['ms']
@@ -97,11 +261,22 @@ def measure_table(backbone, device='cpu', batch=1, input_size=224,
                 slope = (ms[1] - ms[0]) / (w[1] - w[0])
                 bases.append(max(0.0, ms[0] - slope * w[0]))
         base = sum(bases) / len(bases) if bases else 0.0
-        entries.append(dict(
+        entry = dict(
             index=i, geometry=[block.in_channels, block.out_channels,
                                block.stride],
             input_size=size, kernels=kernels, base_ms=base,
-            empty_ms=0.0 if block.use_res else base))
+            empty_ms=0.0 if block.use_res else base, group_ms=0.0)
+        groups = [(k, h) for k, h in block.atom_groups() if h]
+        if form == 'split' and len(groups) > 1 and block.has_expand:
+            # Split, Concat and one more conv per extra group: the block as
+            # it is against the sum of its groups, each measured alone.
+            whole = run(_block_like(block, groups), shape)
+            alone = LatencyCost.block_ms(entry, groups, form, align,
+                                         quantum)
+            entry['group_ms'] = max(0.0, (whole - alone) / (len(groups) - 1))
+        else:
+            tick()
+        entries.append(entry)
     last = sizes[-1] if blocks else input_size
     last = (last + blocks[-1].stride - 1) // blocks[-1].stride if blocks \
         else last
@@ -109,10 +284,16 @@ def measure_table(backbone, device='cpu', batch=1, input_size=224,
                   (batch, backbone.conv2.conv.in_channels, last, last))
     if bar is not None:
         print()
-    return dict(version=TABLE_VERSION, device=str(device), batch=batch,
-                input_size=input_size,
-                in_channels=channels, stem_ms=stem_ms, head_ms=head_ms,
-                blocks=entries)
+    table = dict(version=TABLE_VERSION, runtime=runtime, form=form,
+                 align=align, quantum=quantum, threads=threads,
+                 device=str(device),
+                 batch=batch, input_size=input_size, in_channels=channels,
+                 stem_ms=stem_ms, head_ms=head_ms, blocks=entries)
+    if runtime == 'onnxruntime':
+        import onnxruntime
+        table.update(onnxruntime=onnxruntime.__version__,
+                     call_ms=call_ms(net_shape))
+    return table
 
 
 def random_subnet(backbone, seed=0):
@@ -128,15 +309,44 @@ def random_subnet(backbone, seed=0):
     return arch
 
 
-def compare(table, backbones, device='cpu', batch=1, min_run_time=0.2):
-    """``[(name, predicted ms, measured ms)]`` for named backbones."""
-    cost = LatencyCost(table)
+def padded(net, align):
+    """A net of ``net``'s shapes with every kernel group's width rounded up
+    to a multiple of ``align`` (what a padded export runs; random weights:
+    for timing)."""
+    from ..models import AtomNAS
+    if align == 1:
+        return net
+    arch = net.arch_dict()
+    for row, block in zip(arch['rows'], net.blocks()):
+        if block.has_expand:
+            row[4] = [_round_up(h, align) for h in row[4]]
+    return AtomNAS(arch=arch).eval()
+
+
+def measure_net_ms(table, net, device='cpu', min_run_time=0.2):
+    """The whole ``net``'s latency the way ``table`` was measured (its
+    runtime, form, threads, batch and group padding)."""
+    net = padded(net, table.get('align', 1))
     size = table['input_size']
+    x = torch.randn(table.get('batch', 1), net.in_channels, size, size,
+                    device=device)
+    if table.get('runtime', 'torch') == 'torch':
+        return measure_ms(net.to(device).eval(), x, min_run_time)
+    return measure_ms_ort(deployed(net.eval(), table.get('form', 'merged')),
+                          x, table.get('threads', 1), min_run_time)
+
+
+def compare(table, backbones, device='cpu', batch=None, min_run_time=0.2):
+    """``[(name, predicted ms, measured ms)]`` for named backbones, each
+    measured whole in the table's runtime (``batch``: the table's)."""
+    cost = LatencyCost(table)
+    if batch is not None and batch != cost.table.get('batch', 1):
+        raise ValueError(f'batch: {batch}, the table was measured at batch '
+                         f'{cost.table.get("batch", 1)}')
     rows = []
     for name, net in backbones.items():
         predicted = cost.total(net)
-        x = torch.randn(batch, net.in_channels, size, size, device=device)
-        measured = measure_ms(net.to(device), x, min_run_time)
+        measured = measure_net_ms(cost.table, net, device, min_run_time)
         rows.append((name, predicted, measured))
     return rows
 
@@ -147,8 +357,9 @@ MAX_MS = 1e6  # 1000 s: no block takes that long; a table is in ms
 def check_table(table, where):
     """Check the numbers of a latency table on load.
 
-    Every latency (``stem_ms``, ``head_ms``, each block's ``base_ms``,
-    ``empty_ms`` and curve samples) must be a finite number of milliseconds
+    Every latency (``stem_ms``, ``head_ms``, ``call_ms``, each block's
+    ``base_ms``, ``empty_ms``, ``group_ms`` and curve samples) must be a
+    finite number of milliseconds
     in ``[0, 1e6]``, and each curve's widths positive, increasing integers,
     one per sample. A negative sample made a search land at an impossible
     latency, a NaN was blamed on the target and 1e300 overflowed in torch.
@@ -181,6 +392,19 @@ def check_table(table, where):
 
     check_ms('stem_ms', table.get('stem_ms'))
     check_ms('head_ms', table.get('head_ms'))
+    if 'call_ms' in table:
+        check_ms('call_ms', table['call_ms'])
+    if table.get('runtime', 'torch') not in RUNTIMES:
+        bad('runtime', table.get('runtime'), f'must be one of {RUNTIMES}')
+    if table.get('form', 'merged') not in FORMS:
+        bad('form', table.get('form'), f'must be one of {FORMS}')
+    for key, why in (('align', 'the width every kernel group is padded to '
+                      'a multiple of'), ('quantum', 'widths that are its '
+                                         'multiples run the fast path')):
+        value = table.get(key, 1)
+        if not isinstance(value, int) or isinstance(value, bool) or \
+                value < 1:
+            bad(key, value, f'must be a positive int ({why})')
     blocks = table.get('blocks')
     if not isinstance(blocks, list):
         bad('blocks', blocks, 'must be a list with one entry per block')
@@ -190,6 +414,8 @@ def check_table(table, where):
             bad(name, entry, 'must be a dict')
         for key in ('base_ms', 'empty_ms'):
             check_ms(f'{name}.{key}', entry.get(key))
+        if 'group_ms' in entry:
+            check_ms(f'{name}.group_ms', entry['group_ms'])
         geometry = entry.get('geometry')
         if not (isinstance(geometry, list) and len(geometry) == 3 and all(
                 isinstance(g, int) and not isinstance(g, bool) and g > 0
@@ -215,3 +441,14 @@ def check_table(table, where):
                     'must be increasing positive integers')
             for j, value in enumerate(samples):
                 check_ms(f'{field}.ms[{j}]', value)
+            if 'off_widths' in curve or 'off_ms' in curve:
+                off, off_ms = curve.get('off_widths'), curve.get('off_ms')
+                if not (isinstance(off, list) and isinstance(off_ms, list)
+                        and off and len(off) == len(off_ms)) or not all(
+                            isinstance(w, int) and not isinstance(w, bool)
+                            and w > 0 for w in off) or any(
+                                a >= b for a, b in zip(off, off[1:])):
+                    bad(f'{field}.off_widths', off, 'must be increasing '
+                        'positive integers, one "off_ms" sample each')
+                for j, value in enumerate(off_ms):
+                    check_ms(f'{field}.off_ms[{j}]', value)

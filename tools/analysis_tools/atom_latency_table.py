@@ -2,6 +2,10 @@
 
     python tools/analysis_tools/atom_latency_table.py CONFIG \
         --device cpu --batch 1 --shape 224 --out latency_cpu.json
+    # in ONNX Runtime (CPU), each block exported alone as pytorch2onnx.py
+    # exports it, 1 intra-op thread:
+    python tools/analysis_tools/atom_latency_table.py CONFIG \
+        --runtime onnxruntime --threads 1 --shape 224 --out latency_ort.json
     # check it: predicted vs measured latency of the zoo nets that fit the
     # table and of random sub-nets of the supernet
     python tools/analysis_tools/atom_latency_table.py CONFIG \
@@ -22,6 +26,21 @@ def parse_args(argv=None):
     parser.add_argument('config', help='config whose model has an AtomNAS '
                         'backbone (the supernet to measure)')
     parser.add_argument('--device', default='cpu', choices=['cpu', 'cuda'])
+    parser.add_argument('--runtime', default='torch',
+                        choices=['torch', 'onnxruntime'],
+                        help='where the net will run: PyTorch (eval mode) or '
+                        'ONNX Runtime on the CPU (each part exported alone)')
+    parser.add_argument('--threads', type=int, default=None,
+                        help='intra-op threads (onnxruntime: default 1; '
+                        'torch: default the process\'s)')
+    parser.add_argument('--form', choices=['split', 'merged'], default=None,
+                        help='how a block runs its kernel groups: split (one '
+                        'depthwise conv per group, what pytorch2onnx.py '
+                        'exports; the onnxruntime default) or merged (one '
+                        'padded conv: PyTorch eval mode, deploy_model)')
+    parser.add_argument('--align', type=int, default=1,
+                        help='the deployed net pads every kernel group to a '
+                        'multiple of this width')
     parser.add_argument('--batch', type=int, default=1)
     parser.add_argument('--shape', type=int, default=None,
                         help='image side (default: the config\'s '
@@ -40,9 +59,18 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if not (args.out or args.table):
         parser.error('give --out (measure a table) or --table (use one)')
-    for name in ('batch', 'samples', 'subnets'):
-        if getattr(args, name) < 1 and name != 'subnets':
+    for name in ('batch', 'samples', 'align', 'threads'):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f'--{name} must be >= 1')
+    if args.subnets < 0:
+        parser.error('--subnets must be >= 0')
+    if args.runtime == 'onnxruntime' and args.device != 'cpu':
+        parser.error('--runtime onnxruntime measures on the CPU (--device '
+                     'cpu)')
+    if args.runtime == 'torch' and args.form == 'split':
+        parser.error("--form split is an exported form: PyTorch's eval mode "
+                     'runs the kernel groups merged (use --runtime '
+                     'onnxruntime)')
     return args
 
 
@@ -62,6 +90,15 @@ def main(argv=None):
     if args.device == 'cuda' and not torch.cuda.is_available():
         raise SystemExit('atom_latency_table.py: error: --device cuda but '
                          'CUDA is not available')
+    if args.runtime == 'onnxruntime':
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            raise SystemExit('atom_latency_table.py: error: --runtime '
+                             'onnxruntime needs the onnxruntime package '
+                             '(pip install onnxruntime)') from None
+    if args.runtime == 'torch' and args.threads:
+        torch.set_num_threads(args.threads)
     cfg = Config.fromfile(args.config)
     init_default_scope(cfg.get('default_scope', 'mmpretrain'))
     from mmengine.registry import MODELS
@@ -74,14 +111,22 @@ def main(argv=None):
     size = args.shape or next((h.get('input_size') for h in cfg.get(
         'custom_hooks', []) if 'AtomShrinkHook' in h.get('type', '')), 224)
     if args.table:
-        with open(args.table) as f:
-            table = json.load(f)
+        from atomnas_mm.search.costs import LatencyCost
+        try:
+            table = LatencyCost(args.table).table
+        except ValueError as e:
+            raise SystemExit(f'atom_latency_table.py: error: {e}') from None
+        table = dict(table)
     else:
         table = measure_table(backbone, args.device, args.batch, size,
-                              args.samples, args.min_run_time)
+                              args.samples, args.min_run_time,
+                              runtime=args.runtime, threads=args.threads,
+                              form=args.form, align=args.align)
         with open(args.out, 'w') as f:
             json.dump(table, f, indent=1)
-        print(f'{args.out}: {len(table["blocks"])} blocks, device '
+        print(f'{args.out}: {len(table["blocks"])} blocks, '
+              f'{table["runtime"]} ({table["form"]} kernel groups, align '
+              f'{table["align"]}, {table["threads"]} threads), device '
               f'{table["device"]}, batch {table["batch"]}, '
               f'{table["input_size"]} px')
     if args.predict:
@@ -97,7 +142,9 @@ def main(argv=None):
         for seed in range(args.subnets):
             nets[f'random sub-net {seed}'] = AtomNAS(
                 arch=random_subnet(backbone, seed)).eval()
-        rows = compare(table, nets, args.device, table['batch'])
+        rows = compare(table, nets, args.device)
+        print(f'measured whole in {table.get("runtime", "torch")} '
+              f'({table.get("threads", "?")} threads)')
         print(f'{"net":28s} {"predicted ms":>12s} {"measured ms":>12s} '
               f'{"error":>7s}')
         for name, predicted, measured in rows:
