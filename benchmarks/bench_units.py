@@ -63,6 +63,7 @@ import copy
 import json
 import os
 import os.path as osp
+import shutil
 import statistics
 import subprocess
 import sys
@@ -367,6 +368,8 @@ def run_all(args, tmp, done, save):
                                         job['fraction'], job['seed'])
         if mode == 'best':
             mode = best_mode(done, method, fraction, args.tp_modes)
+        if method == 'search' and args.round_to > 1:
+            mode = f'round_to={args.round_to}'
         goal = fraction * full_flops
         record = dict(config=name, method=method, mode=mode,
                       fraction=fraction, seed=seed, target=goal,
@@ -386,6 +389,7 @@ def run_all(args, tmp, done, save):
             if not shrink:
                 raise ValueError(f'{search_path}: no AtomShrinkHook')
             shrink[0].target = dict(flops=goal)
+            shrink[0].round_to = args.round_to
         else:
             cfg = recipe_cfg(args, base, work_dir, seed)
         if method == 'scaled':
@@ -395,6 +399,11 @@ def run_all(args, tmp, done, save):
             hook = TorchPruningHook(iters // 2, method, mode, goal)
             extra = (hook, )
         result = train(cfg, extra)
+        arch = osp.join(work_dir, 'searched_arch.json')
+        if args.save_searched and osp.isfile(arch):
+            os.makedirs(args.save_searched, exist_ok=True)
+            shutil.copy(arch, osp.join(args.save_searched, f'{name}_{mode}_'
+                                       f'{fraction}_{seed}.json'))
         if method == 'scaled':
             assert result['flops'] == flops, (result['flops'], flops)
         if extra:
@@ -468,6 +477,12 @@ def parse_args():
                         'to the target, and/or the largest at most it (the '
                         'stock width rounding is coarse: MobileNetV2 has no '
                         'widen_factor between 0.665M and 1.012M at 15%%)')
+    parser.add_argument('--round-to', type=int, default=1,
+                        help='the search\'s AtomShrinkHook round_to (its '
+                        'runs are labelled round_to=N when N > 1)')
+    parser.add_argument('--save-searched', metavar='DIR',
+                        help='copy each search\'s searched_arch.json (its '
+                        'widths) to DIR')
     parser.add_argument('--epochs', type=int, default=4)
     parser.add_argument('--images', type=int, default=15360,
                         help='first N Fashion-MNIST training images')

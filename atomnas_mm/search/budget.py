@@ -48,11 +48,14 @@ class BudgetController:
         input_size (int): Image side for FLOPs.
         latency_table (str | dict, optional): The table of a latency target
             (``tools/analysis_tools/atom_latency_table.py``).
+        round_to (int): Every shrink leaves each channel group's width a
+            multiple of this (a group narrower than it keeps its width);
+            the range, the cap and the deadline's cut count with it.
     """
 
     def __init__(self, target, deadline=0.5, tolerance=0.02, gain=8.0,
                  lead=0.9, max_scale=100.0, input_size=224,
-                 latency_table=None):
+                 latency_table=None, round_to=1):
         if not isinstance(target, dict) or len(target) != 1 or \
                 next(iter(target)) not in COSTS:
             raise ValueError(f'target: expected a dict with one key of '
@@ -79,6 +82,7 @@ class BudgetController:
             raise ValueError(f'lead: a fraction of the deadline in (0, 1], '
                              f'got {lead!r}')
         self.max_scale = check_number('max_scale', max_scale, 1.0)
+        self.round_to = check_number('round_to', round_to, 1, integer=True)
         if self.key == 'latency_ms':
             if latency_table is None:
                 raise ValueError('latency_table: a latency_ms target needs '
@@ -93,15 +97,15 @@ class BudgetController:
         self.landed = False
 
     # -- range ------------------------------------------------------------------
-    @staticmethod
-    def reachable(widths):
-        """``(smallest, largest)`` cost the model can reach.
+    def reachable(self, widths):
+        """``(smallest, largest)`` cost the model can reach (widths rounded
+        to ``round_to``).
 
         Args:
             widths (WidthCost): The model's cost by unit widths
                 (:func:`~atomnas_mm.search.shrink.width_cost_of`).
         """
-        return widths.smallest(), widths.total
+        return widths.smallest(self.round_to), widths.total
 
     def start(self, widths):
         """Check the target against the model (fresh run); raise a
@@ -113,7 +117,9 @@ class BudgetController:
                 f'target: {self.key}={self.target:.6g} is outside the '
                 f'reachable range [{low:.6g}, {high:.6g}] of this model '
                 f'(smallest net: every unit at its minimum width: residual '
-                f'AtomNAS blocks emptied, one channel left in the others)')
+                f'AtomNAS blocks emptied, one channel left in the others' + (
+                    f', {self.round_to} with round_to={self.round_to}'
+                    if self.round_to > 1 else '') + ')')
         if self.lands(high):
             raise ValueError(
                 f'target: {self.key}={self.target:.6g} with tolerance '
@@ -164,7 +170,11 @@ class BudgetController:
 
         Every removal is costed exactly at the widths reached so far (a
         latency block is not the sum of its atoms, a conv between two units
-        costs their product).
+        costs their product). With ``round_to`` > 1 the channels of a group
+        go in chunks that leave its width a multiple of ``round_to`` (the
+        first chunk of a group of another width is its remainder): a chunk
+        goes when its weakest ``round_to`` candidates are gathered, or not
+        at all.
 
         Args:
             widths (WidthCost): The model's cost by unit widths (consumed:
@@ -185,20 +195,25 @@ class BudgetController:
                 order.append((float(strengths[name][channel]), len(order),
                               name, channel))
         order.sort()
-        group_of, removed = {}, {}
+        group_of, removed, gathered = {}, {}, {}
         for name in candidates:
             group_of[name] = [g for g, (_, h) in enumerate(
                 widths.units[name].groups) for _ in range(h)]
             removed[name] = []
         for _, _, name, channel in order:
-            unit = widths.units[name]
-            if unit.num_channels - len(removed[name]) <= unit.min_width:
+            unit, group = widths.units[name], group_of[name][channel]
+            chunk = gathered.setdefault((name, group), [])
+            chunk.append(channel)
+            width = widths.state[name][group]
+            if len(chunk) < (width % self.round_to or self.round_to):
                 continue
-            group = group_of[name][channel]
-            if widths.total + widths.removal(name, group) < floor:
+            gathered[name, group] = []
+            if sum(widths.state[name]) - len(chunk) < unit.min_width or \
+                    widths.total + widths.removal(name, group, len(chunk)) \
+                    < floor:
                 continue
-            widths.remove(name, group)
-            removed[name].append(channel)
+            widths.remove(name, group, len(chunk))
+            removed[name].extend(chunk)
         plan = {}
         for name, channels in removed.items():
             if channels:

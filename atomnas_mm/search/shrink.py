@@ -16,7 +16,7 @@ from ..models.backbones.atomnas import AtomNAS
 from ..models.blocks import AtomicBlock
 from ..models.surgery import compose
 from .costs import search_root, width_cost
-from .policy import ThresholdCriterion
+from .policy import ThresholdCriterion, check_number
 from .units import AtomUnit, find_units, unit_widths
 
 
@@ -62,27 +62,50 @@ def atom_strengths(model, criterion=1e-3, ema_model=None, final=False,
     return out
 
 
-def plan_from_strengths(model, strengths, criterion=1e-3, units=None):
+def plan_from_strengths(model, strengths, criterion=1e-3, units=None,
+                        round_to=1):
     """Kept channels of every unit losing some; a unit keeps at least its
     ``min_width`` strongest channels (an AtomNAS block without residual:
-    one atom)."""
+    one atom), and with ``round_to`` > 1 every group it shrinks keeps a
+    multiple of ``round_to`` (its strongest dead channels stay to make it
+    up)."""
     criterion = _criterion(criterion)
     units = _units(model, units)
     plan = {}
     for name, strength in strengths.items():
+        unit = units[name]
         dead = criterion.dead(strength)
-        alive = int((~dead).sum())
-        need = units[name].min_width - alive
+        # the dead channels, strongest first
+        order = [i for i in torch.argsort(strength, descending=True).tolist()
+                 if dead[i]]
+        start = 0
+        for _, width in unit.groups:
+            group = dead[start:start + width]
+            keep = width - int(group.sum())
+            if keep < width:
+                aligned = min(width, -(-keep // round_to) * round_to)
+                restore = [i for i in order
+                           if start <= i < start + width][:aligned - keep]
+                dead[restore] = False
+            start += width
+        need = unit.min_width - int((~dead).sum())
         if need > 0:
-            weakest_first = torch.argsort(strength.masked_fill(~dead,
-                                                               -math.inf))
-            dead[weakest_first[-need:]] = False
+            # the strongest dead channels' group keeps what the unit needs
+            first = order[0]
+            start = 0
+            for _, width in unit.groups:
+                if start <= first < start + width:
+                    break
+                start += width
+            group = [i for i in order if start <= i < start + width]
+            dead[group[:min(width, -(-need // round_to) * round_to)]] = False
         if dead.any():
             plan[name] = torch.nonzero(~dead).flatten().cpu()
     return plan
 
 
-def plan_shrink(model, criterion=1e-3, ema_model=None, ema_only=False):
+def plan_shrink(model, criterion=1e-3, ema_model=None, ema_only=False,
+                round_to=1):
     """Decide which channels survive.
 
     Args:
@@ -91,6 +114,7 @@ def plan_shrink(model, criterion=1e-3, ema_model=None, ema_only=False):
             threshold of :class:`ThresholdCriterion`.
         ema_model (nn.Module, optional): Averaged copy with the same names.
         ema_only (bool): Decide on the EMA weights alone (final shrink).
+        round_to (int): See :func:`plan_from_strengths`.
 
     Returns:
         dict[str, Tensor]: Kept channel indices, only for units that lose
@@ -98,7 +122,7 @@ def plan_shrink(model, criterion=1e-3, ema_model=None, ema_only=False):
     """
     units = find_units(model)
     strengths = atom_strengths(model, criterion, ema_model, ema_only, units)
-    return plan_from_strengths(model, strengths, criterion, units)
+    return plan_from_strengths(model, strengths, criterion, units, round_to)
 
 
 def backbone_cost(model, cost):
@@ -294,7 +318,7 @@ def narrow_to_state_dict(model, state_dict):
     return narrow_to_widths(model, widths) if widths else {}
 
 
-def shrink_model(model, threshold=1e-3, fold=True):
+def shrink_model(model, threshold=1e-3, fold=True, round_to=1):
     """Remove dead channels from every unit of ``model``, in place.
 
     The public entry point without a Runner: channels with ``|gamma| <=
@@ -307,6 +331,8 @@ def shrink_model(model, threshold=1e-3, fold=True):
         model (nn.Module): Any model with channel units.
         threshold (float): Dead-channel threshold on ``|gamma|``.
         fold (bool): Fold removed constants so eval outputs do not change.
+        round_to (int): Every group that shrinks keeps a multiple of this
+            many channels (its strongest dead ones stay to make it up).
 
     Returns:
         dict: ``removed`` (channels per unit name), ``removed_atoms``
@@ -315,7 +341,8 @@ def shrink_model(model, threshold=1e-3, fold=True):
         ``widths`` (``{unit name: [width per group]}``).
     """
     criterion = ThresholdCriterion(threshold)
-    plan = plan_shrink(model, criterion)
+    check_number('round_to', round_to, 1, integer=True)
+    plan = plan_shrink(model, criterion, round_to=round_to)
     units = check_plan(model, plan)
     removed = {name: units[name].num_channels - len(keep)
                for name, keep in plan.items()}

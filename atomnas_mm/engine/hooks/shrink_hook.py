@@ -88,6 +88,12 @@ class AtomShrinkHook(Hook):
             steering) until the net lands on the target; on the MobileNetV2
             demo, steering it as well made the final accuracy swing by 10
             points between seeds (docs/search_any_model.md).
+        round_to (int): Every shrink leaves each channel group's width (a
+            unit's channels, an AtomNAS block's kernel group) a multiple of
+            this, so the searched net runs on the vectorised paths of its
+            runtime (README, "Hardware-aligned widths"); a group narrower
+            than it keeps its width. With ``target`` the budget counts with
+            it.
     """
 
     # Before EMAHook (ABOVE_NORMAL in mmpretrain configs), so that
@@ -98,7 +104,7 @@ class AtomShrinkHook(Hook):
                  by_epoch=True, input_size=224, final_shrink=True,
                  criterion=None, trigger=None, cost=None, target=None,
                  deadline=0.5, tolerance=0.02, latency_table=None,
-                 follow_path=False):
+                 follow_path=False, round_to=1):
         for name, given, part in (('threshold', threshold, criterion),
                                   ('min_removed_flops', min_removed_flops,
                                    trigger)):
@@ -112,13 +118,14 @@ class AtomShrinkHook(Hook):
             trigger, MinCostTrigger(
                 1e6 if min_removed_flops is None else min_removed_flops),
             'trigger')
+        self.round_to = check_number('round_to', round_to, 1, integer=True)
         self.controller = None
         if target is not None:
             if cost is not None:
                 raise ValueError('cost: a target brings its own cost model')
             self.controller = BudgetController(
                 target, deadline, tolerance, input_size=input_size,
-                latency_table=latency_table)
+                latency_table=latency_table, round_to=round_to)
             cost = self.controller.cost
         self.flops = FLOPsCost(input_size)  # for the logs, whatever the cost
         self.cost = build_part(cost, self.flops, 'cost')
@@ -206,7 +213,8 @@ class AtomShrinkHook(Hook):
             strengths = atom_strengths(model, self.criterion, ema,
                                        final=final and ema is not None)
             if self.controller is None:
-                plan = plan_from_strengths(model, strengths, self.criterion)
+                plan = plan_from_strengths(model, strengths, self.criterion,
+                                           round_to=self.round_to)
                 lands = False
             else:
                 plan, lands = self._budget_plan(runner, model, strengths,
