@@ -1,22 +1,28 @@
-"""Shared fixtures of the atomnas_mm tests."""
-import copy
-
+"""Shared fixtures of the atomnas_mm tests (see ``harness.py``)."""
 import pytest
 
-# Three stages (16, 24, 32 channels), a branch per kernel size, a stride-2
-# block and a residual one: small enough for a Runner on 32 px images.
-TINY_ARCH = dict(
-    rows=[[16, 1, 1, [3], [8], False],
-          [24, 1, 2, [3, 5], [8, 4], True],
-          [24, 1, 1, [3, 5, 7], [6, 4, 2], True],
-          [32, 1, 2, [3], [12], True]],
-    stem_channels=8, last_channels=32)
+import harness
+
+
+@pytest.fixture(scope='module', autouse=True)
+def toys_registered():
+    """The harness's toys registered by name for one test module (before
+    its module fixtures), removed after it."""
+    with harness.toys_registered():
+        yield
+
+
+@pytest.fixture(autouse=True)
+def fresh_mmengine_globals():
+    """mmengine's global instances forgotten after every test."""
+    yield
+    harness.clear_global_instances()
 
 
 @pytest.fixture(scope='session')
 def tiny_arch():
-    """A small AtomNAS arch dict (3 stages, head 32); do not mutate it."""
-    return copy.deepcopy(TINY_ARCH)
+    """The toy arch 'tiny' (3 stages, head 32); do not mutate it."""
+    return harness.toy_arch('tiny')
 
 
 def pytest_configure(config):

@@ -1,28 +1,114 @@
-"""The shared test harness: a toy dataset, a tiny search config and Runner,
-hooks that stand in for the penalty or record losses, a free port for DDP.
+"""The shared test harness, in the manner of mmengine's ``RunnerTestCase``
+but for pytest functions.
+
+- Toys: :class:`ToyData` (seeded images), the toy architecture family
+  (:func:`toy_arch`), a toy classifier (:func:`toy_classifier`) and a tiny
+  search config (:func:`make_cfg`, :func:`budget_cfg`).
+- Runners: :func:`build` gives every Runner a unique ``experiment_name``;
+  ``conftest.py`` registers the toys for one test module at a time
+  (:func:`toys_registered`) and clears mmengine's global instances after
+  every test (:func:`clear_global_instances`).
+- Processes: :func:`spawn_cpu_ddp` runs a worker on 2 CPU ranks (gloo);
+  :func:`demo_cmd` is ``tools/train.py`` on a shortened demo search.
 
 Tests import it (``from harness import ...``); test modules never import
 each other.
 """
+import contextlib
 import copy
+import logging
+import os
+import os.path as osp
 import socket
+import sys
+import uuid
 
 import torch
+import torch.multiprocessing as mp
 from mmengine.hooks import Hook
-from mmengine.registry import DATASETS
+from mmengine.logging import MessageHub, MMLogger
+from mmengine.registry import DATASETS, DefaultScope
 from mmengine.runner import Runner
+from mmengine.visualization import Visualizer
 from mmpretrain.structures import DataSample
 from torch.utils.data import Dataset
 
 import atomnas_mm  # noqa: F401
 from atomnas_mm.models import AtomNAS, count_flops_params
+from atomnas_mm.utils import cpu_ddp_workaround
 
-ROWS = [[8, 1, 1, [3], [8], False], [12, 1, 2, [3, 5, 7], [6, 6, 6], True],
-        [12, 1, 1, [3, 5, 7], [6, 6, 6], True],
-        [16, 1, 2, [3, 5], [8, 8], True], [16, 1, 1, [3, 5, 7], [4, 4, 4], True]]
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+DEMO = osp.join(ROOT, 'configs/demo/atomnas_fashion_mnist.py')
+
+# -- the toy architecture family ---------------------------------------------
+# 32 px nets with an 8-channel stem and a 32-channel head; rows are
+# [channels, depth, stride, kernel sizes, atoms per kernel, has expand].
+TOY_ROWS = dict(
+    # A fixed first block, then searchable ones with 3 and 2 kernel groups,
+    # stride 2 twice, residual blocks after each: the tiny search's net.
+    search=[[8, 1, 1, [3], [8], False],
+            [12, 1, 2, [3, 5, 7], [6, 6, 6], True],
+            [12, 1, 1, [3, 5, 7], [6, 6, 6], True],
+            [16, 1, 2, [3, 5], [8, 8], True],
+            [16, 1, 1, [3, 5, 7], [4, 4, 4], True]],
+    # Three stages (16, 24, 32 channels), a branch per kernel size, a
+    # stride-2 block and a residual one.
+    tiny=[[16, 1, 1, [3], [8], False],
+          [24, 1, 2, [3, 5], [8, 4], True],
+          [24, 1, 1, [3, 5, 7], [6, 4, 2], True],
+          [32, 1, 2, [3], [12], True]],
+    # Two searchable blocks and an emptied residual block (no atoms left).
+    emptied=[[8, 1, 1, [3], [8], False],
+             [16, 1, 2, [3, 5], [8, 8], True],
+             [16, 1, 1, [3, 5, 7], [4, 4, 4], True],
+             [16, 1, 1, [3, 5], [0, 0], True]],
+    # Two / three kernel groups (stride 2, residual), a kernel group of one
+    # atom, a residual block with an absent kernel size.
+    uneven=[[16, 1, 1, [3], [8], False],
+            [24, 1, 2, [3, 5], [8, 4], True],
+            [24, 1, 1, [3, 5, 7], [6, 1, 2], True],
+            [24, 1, 1, [3, 5, 7], [5, 0, 3], True],
+            [32, 1, 2, [3], [12], True]],
+    # A dropped kernel, an emptied residual block, a stage of depth 2.
+    dropped=[[8, 1, 1, [3], [8], False],
+             [16, 1, 2, [3, 5, 7], [12, 0, 6], True],
+             [16, 1, 1, [3, 5, 7], [0, 0, 0], True],
+             [16, 2, 1, [3, 5], [5, 7], True],
+             [24, 1, 2, [7], [10], True]],
+)
 
 
-@DATASETS.register_module(force=True)
+def toy_rows(name='search'):
+    """A fresh copy of the rows of the toy arch ``name``."""
+    return copy.deepcopy(TOY_ROWS[name])
+
+
+def toy_arch(name='search', **kwargs):
+    """The toy arch ``name`` as an ``arch`` dict (a fresh copy); ``kwargs``
+    override or add keys."""
+    return dict(dict(rows=toy_rows(name), stem_channels=8, last_channels=32),
+                **kwargs)
+
+
+ROWS = TOY_ROWS['search']
+SUPERNET = toy_arch('search')
+
+
+def toy_classifier(arch=None, num_classes=4, **backbone):
+    """An mmpretrain ImageClassifier config around a toy AtomNAS backbone."""
+    return dict(
+        type='ImageClassifier',
+        data_preprocessor=dict(type='ClsDataPreprocessor',
+                               num_classes=num_classes,
+                               mean=[127.5] * 3, std=[127.5] * 3),
+        backbone=dict(type='atomnas_mm.AtomNAS',
+                      arch=toy_arch() if arch is None else arch, **backbone),
+        neck=dict(type='GlobalAveragePooling'),
+        head=dict(type='LinearClsHead', num_classes=num_classes,
+                  in_channels=32, loss=dict(type='CrossEntropyLoss')))
+
+
+# -- toy data, registered for one test module at a time -----------------------
 class ToyData(Dataset):
     """``n`` seeded random ``size`` px images of ``num_classes`` classes."""
 
@@ -40,6 +126,47 @@ class ToyData(Dataset):
     def __getitem__(self, i):
         return dict(inputs=self.x[i],
                     data_samples=DataSample().set_gt_label(int(self.y[i])))
+
+
+TOYS = ((DATASETS, ToyData), )
+
+
+@contextlib.contextmanager
+def toys_registered():
+    """The toys in their registries (``type='ToyData'``), removed on exit.
+
+    Registering an existing name is refused (no ``force``): a second toy of
+    the same name would be a bug. Nested use (a forked DDP worker) keeps
+    the outer registration.
+    """
+    added = []
+    for registry, cls in TOYS:
+        if registry.get(cls.__name__) is cls:
+            continue
+        registry.register_module(module=cls)
+        added.append((registry, cls.__name__))
+    try:
+        yield
+    finally:
+        for registry, name in added:
+            registry.module_dict.pop(name, None)
+
+
+def clear_global_instances():
+    """Forget mmengine's global instances (message hubs, loggers, their open
+    log files, visualizers, default scopes), as after a fresh start."""
+    for logger in MMLogger._instance_dict.values():
+        for handler in list(logger.handlers):
+            if isinstance(handler, logging.FileHandler):
+                logger.removeHandler(handler)
+                handler.close()
+    for cls in (MessageHub, MMLogger, Visualizer, DefaultScope):
+        cls._instance_dict.clear()
+
+
+def unique_name(prefix='toy'):
+    """An experiment name no other Runner of this session has."""
+    return f'{prefix}-{uuid.uuid4().hex[:12]}'
 
 
 class KillAtomsHook(Hook):
@@ -78,21 +205,21 @@ SCHEDULE = {0: {'backbone.layer2.0': ['k5']},
                 'backbone.layer3.0': ['k3']}}
 
 
+def toy_loader(n=16, num_classes=4, batch_size=4, shuffle=True):
+    """A dataloader config of :class:`ToyData` (registered by name)."""
+    return dict(dataset=dict(type='ToyData', n=n, num_classes=num_classes),
+                batch_size=batch_size, num_workers=0,
+                sampler=dict(type='DefaultSampler', shuffle=shuffle),
+                collate_fn=dict(type='pseudo_collate'))
+
+
 def make_cfg(work_dir, max_epochs=3, rows=ROWS, **kwargs):
-    loader = dict(dataset=dict(type='ToyData'), batch_size=4, num_workers=0,
-                  sampler=dict(type='DefaultSampler', shuffle=True),
-                  collate_fn=dict(type='pseudo_collate'))
+    """The tiny search: the toy supernet on :class:`ToyData`, EMA, shrink
+    at every epoch's end (no penalty: tests zero gammas themselves) and BN
+    re-calibration; ``kwargs`` replace top-level keys."""
+    loader = toy_loader()
     cfg = dict(
-        model=dict(
-            type='ImageClassifier',
-            data_preprocessor=dict(type='ClsDataPreprocessor',
-                                   mean=[127.5] * 3, std=[127.5] * 3),
-            backbone=dict(type='atomnas_mm.AtomNAS',
-                          arch=dict(rows=rows, stem_channels=8,
-                                    last_channels=32)),
-            neck=dict(type='GlobalAveragePooling'),
-            head=dict(type='LinearClsHead', num_classes=4, in_channels=32,
-                      loss=dict(type='CrossEntropyLoss'))),
+        model=toy_classifier(toy_arch(rows=copy.deepcopy(rows))),
         work_dir=work_dir,
         train_dataloader=loader,
         val_dataloader=copy.deepcopy(loader),
@@ -121,22 +248,14 @@ def make_cfg(work_dir, max_epochs=3, rows=ROWS, **kwargs):
 
 
 def build(cfg, extra_hooks=()):
-    runner = Runner.from_cfg(copy.deepcopy(cfg))
+    """``Runner.from_cfg`` on a copy of ``cfg`` (a unique experiment_name
+    where it has none), then ``extra_hooks`` registered."""
+    cfg = copy.deepcopy(cfg)
+    cfg.setdefault('experiment_name', unique_name())
+    runner = Runner.from_cfg(cfg)
     for hook in extra_hooks:
         runner.register_hook(hook)
     return runner
-
-
-
-
-def free_port():
-    """A free TCP port on localhost (for a gloo process group)."""
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
-SUPERNET = dict(rows=ROWS, stem_channels=8, last_channels=32)
 
 
 def supernet_flops():
@@ -159,3 +278,83 @@ def budget_cfg(work_dir, target, max_epochs=3, **kwargs):
 
 def shrink_hook(runner):
     return next(h for h in runner.hooks if type(h).__name__ == 'AtomShrinkHook')
+
+
+# -- processes ---------------------------------------------------------------
+def free_port():
+    """A free TCP port on localhost (for a gloo process group)."""
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def ddp_cfg(cfg):
+    """``cfg`` (changed in place) launched by torch on CPU ranks: launcher
+    ``pytorch`` and atomnas_mm's CPU DDP workaround."""
+    cfg['launcher'] = 'pytorch'
+    cpu_ddp_workaround(cfg)
+    return cfg
+
+
+def _ddp_rank(rank, worker, world_size, port, args):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world_size), MASTER_ADDR='127.0.0.1',
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    with toys_registered():
+        worker(rank, *args)
+
+
+def spawn_cpu_ddp(worker, *args, nprocs=2, start_method='spawn'):
+    """Run ``worker(rank, *args)`` on ``nprocs`` CPU ranks (the env://
+    variables of a torch launcher, one thread each, the toys registered).
+
+    ``worker`` is a module-level function; ``'fork'`` saves the re-import
+    of a spawned process (~30 s) where the parent holds no threads.
+    """
+    mp.start_processes(_ddp_rank, args=(worker, nprocs, free_port(), args),
+                       nprocs=nprocs, join=True, start_method=start_method)
+
+
+def demo_cmd(work_dir, cache, *extra, epochs=2, batch_size=32,
+             iters_per_epoch=2, val_images=32, workers=0, options=(),
+             injector=None):
+    """``tools/train.py`` on the demo search, shortened: ``epochs`` of
+    ``iters_per_epoch`` iterations on a Fashion-MNIST cache in ``cache``,
+    the LR schedule fitted to the length.
+
+    Args:
+        extra: Arguments before ``--cfg-options`` (e.g. ``'--resume'``).
+        workers: Training dataloader workers (persistent when > 0);
+            validation has none.
+        options: More ``--cfg-options`` (later ones win).
+        injector: A script that runs ``tools/train.py`` itself (fault
+            injection), put before it on the command line.
+    """
+    head = [sys.executable] + ([injector] if injector else [])
+    return head + [
+        osp.join(ROOT, 'tools/train.py'), DEMO, '--work-dir', work_dir,
+        *extra, '--cfg-options', f'train_cfg.max_epochs={epochs}',
+        f'train_dataloader.batch_size={batch_size}',
+        f'train_dataloader.dataset.indices={batch_size * iters_per_epoch}',
+        f'val_dataloader.dataset.indices={val_images}',
+        f'train_dataloader.dataset.cache_dir={cache}',
+        f'val_dataloader.dataset.cache_dir={cache}',
+        f'train_dataloader.num_workers={workers}',
+        'val_dataloader.num_workers=0',
+        f'train_dataloader.persistent_workers={workers > 0}',
+        'val_dataloader.persistent_workers=False',
+        'param_scheduler.0.end=2', f'param_scheduler.1.T_max={epochs}',
+        *options]
+
+
+# A shrink every 2 iterations: a strong penalty without warm-up, a loose
+# threshold, an EMA that follows closely, one batch of BN re-calibration.
+FAST_SHRINK = ('custom_hooks.0.momentum=0.5', 'custom_hooks.1.rho=0.5',
+               'custom_hooks.1.warmup_epochs=0', 'custom_hooks.2.interval=2',
+               'custom_hooks.2.threshold=0.5',
+               'custom_hooks.2.min_removed_flops=0',
+               'custom_hooks.3.num_batches=1')
+CHECKPOINT_EVERY_ITER = ('default_hooks.checkpoint.by_epoch=False',
+                         'default_hooks.checkpoint.interval=1',
+                         'default_hooks.checkpoint.save_best=None')

@@ -8,6 +8,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from atomnas_mm.models import (ARCHS, PUBLISHED, AtomicBlock, AtomNAS,
                                count_flops_params)
+from harness import toy_rows
 
 ZOO = sorted(ARCHS)
 SEARCHED = [name for name in ZOO if name != 'supernet']
@@ -143,7 +144,7 @@ def test_flops_params_match_published(arch):
 # --------------------------------------------------------------------------
 def rows_with(index, row):
     """The tiny arch rows with row ``index`` replaced."""
-    rows = [[16, 1, 1, [3], [8], False], [24, 1, 2, [3, 5], [8, 4], True]]
+    rows = toy_rows('tiny')[:2]
     rows[index] = row
     return dict(rows=rows, stem_channels=8, last_channels=32)
 

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from atomnas_mm.models import ARCHS, AtomNAS
+from harness import toy_rows
 
 ZOO = sorted(ARCHS)
 STAGE_CHANNELS = [16, 24, 40, 80, 96, 192, 320]
@@ -16,13 +17,7 @@ STAGE_STRIDES = [2, 4, 8, 16, 16, 32, 32]
 
 def small_rows():
     """A 3-stage arch with a dropped kernel and an emptied residual block."""
-    return [
-        [8, 1, 1, [3], [8], False],
-        [16, 1, 2, [3, 5, 7], [12, 0, 6], True],
-        [16, 1, 1, [3, 5, 7], [0, 0, 0], True],
-        [16, 2, 1, [3, 5], [5, 7], True],
-        [24, 1, 2, [7], [10], True],
-    ]
+    return toy_rows('dropped')
 
 
 def small_arch():

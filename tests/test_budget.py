@@ -6,12 +6,11 @@ import shutil
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from mmengine.hooks import Hook
 
 from atomnas_mm.models import AtomNAS, count_flops_params
-from harness import (SUPERNET, RecordHook, budget_cfg, build, free_port,
-                     shrink_hook, supernet_flops)
+from harness import (SUPERNET, RecordHook, budget_cfg, build, ddp_cfg,
+                     shrink_hook, spawn_cpu_ddp, supernet_flops)
 
 
 def test_lands_on_flops_target_by_the_deadline_and_never_below(tmp_path):
@@ -168,14 +167,8 @@ class PerturbRank1(Hook):
                     w.mul_(torch.rand(w.shape, generator=g) * 2)
 
 
-def _worker(rank, world_size, port, work_dir, target):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world_size), MASTER_ADDR='127.0.0.1',
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    from atomnas_mm.utils import cpu_ddp_workaround
-    cfg = budget_cfg(work_dir, target, launcher='pytorch')
-    cpu_ddp_workaround(cfg)
+def _worker(rank, work_dir, target):
+    cfg = ddp_cfg(budget_cfg(work_dir, target))
     runner = build(cfg, [PerturbRank1()])
     runner.train()
     torch.save(dict(rows=runner.model.module.backbone.arch_rows(),
@@ -186,8 +179,7 @@ def _worker(rank, world_size, port, work_dir, target):
 @pytest.mark.slow
 def test_ddp_ranks_with_different_gammas_decide_alike(tmp_path):
     target = dict(flops=0.6 * supernet_flops())
-    mp.spawn(_worker, args=(2, free_port(), str(tmp_path), target),
-             nprocs=2)
+    spawn_cpu_ddp(_worker, str(tmp_path), target)
     r0 = torch.load(tmp_path / 'rank0.pth', weights_only=True)
     r1 = torch.load(tmp_path / 'rank1.pth', weights_only=True)
     assert r0 == r1

@@ -23,14 +23,14 @@ from mmengine.config import Config
 from mmengine.hooks import Hook
 from mmengine.logging.history_buffer import HistoryBuffer
 from mmengine.registry import DefaultScope
-from mmengine.runner import Runner, load_checkpoint
+from mmengine.runner import load_checkpoint
 from mmpretrain.registry import MODELS
 
 import atomnas_mm.checkpoint  # noqa: F401  (the allowlist under test)
 from atomnas_mm.checkpoint import (CheckpointMismatchError,
                                    UnreadableCheckpointError)
 from atomnas_mm.datasets import DEBIAN_ROOT
-from harness import ToyData
+from harness import build, toy_classifier, toy_loader
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
@@ -56,23 +56,19 @@ class RecordHook(Hook):
 
 
 def model_cfg(arch, num_classes=2, **backbone):
-    return dict(
-        type='ImageClassifier',
-        data_preprocessor=dict(type='ClsDataPreprocessor',
-                               num_classes=num_classes,
-                               mean=[127.5] * 3, std=[127.5] * 3),
-        backbone=dict(type='atomnas_mm.AtomNAS', arch=arch, **backbone),
-        neck=dict(type='GlobalAveragePooling'),
-        head=dict(type='LinearClsHead', num_classes=num_classes,
-                  in_channels=32))
+    return toy_classifier(arch, num_classes=num_classes, **backbone)
+
+
+def build_model(cfg):
+    with DefaultScope.overwrite_default_scope('mmpretrain'):
+        return MODELS.build(cfg)
 
 
 def runner_cfg(arch, work_dir, name, max_iters, **kwargs):
     return dict(
         model=model_cfg(arch), work_dir=work_dir, experiment_name=name,
-        train_dataloader=dict(
-            dataset=ToyData(n=4, num_classes=2), batch_size=2, num_workers=0,
-            sampler=dict(type='DefaultSampler', shuffle=False)),
+        train_dataloader=toy_loader(n=4, num_classes=2, batch_size=2,
+                                    shuffle=False),
         train_cfg=dict(by_epoch=False, max_iters=max_iters),
         optim_wrapper=dict(
             optimizer=dict(type='SGD', lr=0.1, momentum=0.9)),
@@ -88,9 +84,8 @@ def runner_cfg(arch, work_dir, name, max_iters, **kwargs):
 
 def train(cfg):
     """Train a Runner built from ``cfg``; return it and its RecordHook."""
-    runner = Runner(**cfg)
     record = RecordHook()
-    runner.register_hook(record)
+    runner = build(cfg, [record])
     runner.train()
     return runner, record
 
@@ -173,14 +168,13 @@ def test_resume(trained, tmp_path):
 
 def test_test_time_loading(trained, tmp_path, tiny_arch):
     expected = torch.load(trained['path'], weights_only=True)['state_dict']
-    with DefaultScope.overwrite_default_scope('mmpretrain'):
-        model = MODELS.build(model_cfg(tiny_arch))
+    model = build_model(model_cfg(tiny_arch))
     assert_state_differs(model.state_dict(), expected)
     load_checkpoint(model, trained['path'], strict=True)
     assert_state_equal(model.state_dict(), expected)
 
-    runner = Runner(model=model_cfg(tiny_arch), work_dir=str(tmp_path),
-                    experiment_name='test_time', default_scope='mmpretrain')
+    runner = build(dict(model=model_cfg(tiny_arch), work_dir=str(tmp_path),
+                        default_scope='mmpretrain'))
     assert_state_differs(runner.model.state_dict(), expected)
     runner.load_checkpoint(trained['path'])
     assert_state_equal(runner.model.state_dict(), expected)
@@ -288,21 +282,18 @@ def unreadable(path):
 def test_damaged_file_named_by_mmengine_loaders(damaged, kind, tiny_arch,
                                                 tmp_path):
     path = damaged[kind]
-    with DefaultScope.overwrite_default_scope('mmpretrain'):
-        model = MODELS.build(model_cfg(tiny_arch))
+    model = build_model(model_cfg(tiny_arch))
     with unreadable(path):
         load_checkpoint(model, path)
-    runner = Runner(model=model_cfg(tiny_arch), work_dir=str(tmp_path),
-                    experiment_name=f'damaged_{kind}',
-                    default_scope='mmpretrain')
+    runner = build(dict(model=model_cfg(tiny_arch), work_dir=str(tmp_path),
+                        default_scope='mmpretrain'))
     with unreadable(path):
         runner.load_checkpoint(path)
     from mmpretrain import get_model
     with unreadable(path):
         get_model(Config(dict(model=model_cfg(tiny_arch))), pretrained=path)
-    with DefaultScope.overwrite_default_scope('mmpretrain'):
-        backbone = MODELS.build(model_cfg(tiny_arch, init_cfg=dict(
-            type='Pretrained', checkpoint=path, prefix='backbone.')))
+    backbone = build_model(model_cfg(tiny_arch, init_cfg=dict(
+        type='Pretrained', checkpoint=path, prefix='backbone.')))
     with unreadable(path):
         backbone.init_weights()
 
@@ -330,8 +321,7 @@ class Shell:
 def test_code_in_checkpoint_is_refused(tmp_path, tiny_arch):
     path, marker = str(tmp_path / 'evil.pth'), tmp_path / 'ran'
     torch.save(dict(state_dict={}, meta=Shell(marker)), path)
-    with DefaultScope.overwrite_default_scope('mmpretrain'):
-        model = MODELS.build(model_cfg(tiny_arch))
+    model = build_model(model_cfg(tiny_arch))
     with pytest.raises(pickle.UnpicklingError,
                        match=f'{path} is not a readable checkpoint: '
                        r'torch.load\(weights_only=True\) refuses'):
@@ -359,11 +349,6 @@ def test_damaged_file_named_by_test_tool(damaged, tmp_path):
 
 
 # -- checkpoints that do not fit the model ------------------------------------
-def build(cfg):
-    with DefaultScope.overwrite_default_scope('mmpretrain'):
-        return MODELS.build(cfg)
-
-
 @pytest.fixture(scope='module')
 def variants(trained, tmp_path_factory):
     """The trained checkpoint as a bare backbone state_dict, and whole."""
@@ -378,7 +363,7 @@ def variants(trained, tmp_path_factory):
 
 def test_keys_without_backbone_prefix_raise(variants, tiny_arch):
     paths, _ = variants
-    model = build(model_cfg(tiny_arch))
+    model = build_model(model_cfg(tiny_arch))
     before = copy.deepcopy(model.state_dict())
     with pytest.raises(CheckpointMismatchError) as error:
         load_checkpoint(model, paths['bare'])
@@ -391,7 +376,7 @@ def test_keys_without_backbone_prefix_raise(variants, tiny_arch):
 
 def test_head_with_other_classes_raises(variants, tiny_arch, tmp_path):
     paths, _ = variants
-    model = build(model_cfg(tiny_arch, num_classes=3))
+    model = build_model(model_cfg(tiny_arch, num_classes=3))
     with pytest.raises(CheckpointMismatchError,
                        match=r'head\.fc\.weight: checkpoint \(2, 32\), '
                        r'model \(3, 32\).*prefix=.backbone\..'):
@@ -420,7 +405,7 @@ def test_pretrained_backbone_prefix_loads_only_backbone(variants, tiny_arch):
     """mmdet's way: init_cfg=Pretrained with prefix='backbone.' takes the
     backbone of a classifier with another head."""
     paths, state = variants
-    model = build(model_cfg(tiny_arch, num_classes=5, init_cfg=dict(
+    model = build_model(model_cfg(tiny_arch, num_classes=5, init_cfg=dict(
         type='Pretrained', checkpoint=paths['whole'], prefix='backbone.')))
     model.init_weights()
     backbone = {k: v for k, v in state.items() if k.startswith('backbone.')}
@@ -432,13 +417,13 @@ def test_pretrained_backbone_prefix_loads_only_backbone(variants, tiny_arch):
 
 def test_pretrained_bare_backbone_without_prefix(variants, tiny_arch):
     paths, state = variants
-    model = build(model_cfg(tiny_arch, init_cfg=dict(
+    model = build_model(model_cfg(tiny_arch, init_cfg=dict(
         type='Pretrained', checkpoint=paths['bare'])))
     model.init_weights()
     assert torch.equal(model.backbone.conv1.conv.weight,
                        state['backbone.conv1.conv.weight'])
     # The whole classifier without prefix into the backbone: named keys.
-    model = build(model_cfg(tiny_arch, init_cfg=dict(
+    model = build_model(model_cfg(tiny_arch, init_cfg=dict(
         type='Pretrained', checkpoint=paths['whole'])))
     with pytest.raises(CheckpointMismatchError,
                        match="carry the prefix 'backbone.'"):
@@ -452,7 +437,7 @@ def test_backbone_of_other_width_raises(variants, tiny_arch):
     bad['backbone.conv1.conv.weight'] = torch.zeros(8, 3, 3, 1)
     path = paths['bare'].replace('bare', 'bad_stem')
     torch.save(dict(state_dict=bad), path)
-    model = build(model_cfg(tiny_arch))
+    model = build_model(model_cfg(tiny_arch))
     with pytest.raises((CheckpointMismatchError, ValueError),
                        match='conv1.conv.weight'):
         load_checkpoint(model, path)
@@ -461,7 +446,7 @@ def test_backbone_of_other_width_raises(variants, tiny_arch):
 def test_num_batches_tracked_may_be_missing(variants, tiny_arch):
     """As in mmengine, BN counters missing from a checkpoint are no error."""
     _, state = variants
-    model = build(model_cfg(tiny_arch))
+    model = build_model(model_cfg(tiny_arch))
     missing, unexpected, shapes = atomnas_mm.checkpoint.key_mismatches(
         model, {k: v for k, v in state.items()
                 if not k.endswith('num_batches_tracked')})

@@ -9,14 +9,12 @@ killed with ``os._exit`` half-way through a write, then ``--resume``.
 import builtins
 import errno
 import glob
-import itertools
 import json
 import logging
 import os
 import os.path as osp
 import re
 import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -25,7 +23,6 @@ import torch
 from mmengine.config import Config
 from mmengine.hooks import Hook
 from mmengine.registry import HOOKS
-from mmengine.runner import Runner
 from PIL import Image
 
 import atomnas_mm  # noqa: F401
@@ -34,13 +31,13 @@ from atomnas_mm.checkpoint import (SafeCheckpointHook,
                                    UnreadableCheckpointError, read_checkpoint)
 from atomnas_mm.datasets import DEBIAN_ROOT
 from atomnas_mm.visualization import save_image, save_image_or_warn
-from harness import ToyData
+from harness import FAST_SHRINK, build
+from harness import demo_cmd as harness_demo_cmd
+from harness import toy_classifier, toy_loader
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
-DEMO = osp.join(ROOT, 'configs/demo/atomnas_fashion_mnist.py')
 KILLED = 86  # exit status of an injected kill
 SAFE = 'atomnas_mm.SafeCheckpointHook'
-RUNS = itertools.count()
 
 
 def temp_files(folder):
@@ -188,28 +185,24 @@ def test_shipped_configs_save_safely(path):
 
 # -- in-process faults at every file operation of a save --------------------------
 def toy_cfg(arch, work_dir, hook_type, max_epochs=3):
-    loader = dict(dataset=ToyData(n=8, num_classes=2), batch_size=4, num_workers=0,
-                  sampler=dict(type='DefaultSampler', shuffle=False))
+    loader = toy_loader(n=8, num_classes=2, shuffle=False)
     return dict(
-        model=dict(
-            type='ImageClassifier',
-            data_preprocessor=dict(type='ClsDataPreprocessor', num_classes=2,
-                                   mean=[127.5] * 3, std=[127.5] * 3),
-            backbone=dict(type='atomnas_mm.AtomNAS', arch=arch),
-            neck=dict(type='GlobalAveragePooling'),
-            head=dict(type='LinearClsHead', num_classes=2, in_channels=32)),
+        model=toy_classifier(arch, num_classes=2),
         work_dir=work_dir, train_dataloader=loader, val_dataloader=loader,
         val_evaluator=dict(type='Accuracy'), val_cfg=dict(),
         train_cfg=dict(by_epoch=True, max_epochs=max_epochs),
         optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.1)),
         default_hooks=dict(checkpoint=dict(
             type=hook_type, interval=1, max_keep_ckpts=1, save_best='auto')),
-        # The metric rises every epoch, so each one writes a best file.
-        custom_hooks=[dict(type=RisingAccuracy)],
         randomness=dict(seed=0), default_scope='mmpretrain',
-        log_level='WARNING',
-        # Runners built in the same second would share a MessageHub.
-        experiment_name=f'crash_safety_{next(RUNS)}')
+        log_level='WARNING')
+
+
+def toy_runner(arch, work_dir, hook_type=SAFE, **kwargs):
+    """The toy run; the metric rises every epoch, so each one writes a best
+    file."""
+    return build(dict(toy_cfg(arch, work_dir, hook_type), **kwargs),
+                 [RisingAccuracy()])
 
 
 class RisingAccuracy(Hook):
@@ -304,7 +297,7 @@ def run_with_fault(arch, work_dir, hook_type, kill_at, monkeypatch):
     operations and the checkpoint left for resuming."""
     ops = inject(monkeypatch, kill_at)
     with pytest.raises(Fault):
-        Runner(**toy_cfg(arch, work_dir, hook_type)).train()
+        toy_runner(arch, work_dir, hook_type).train()
     monkeypatch.undo()
     return ops, resumable(work_dir)
 
@@ -318,7 +311,7 @@ N_OPS = 34
 
 def test_operation_order(tiny_arch, tmp_path, monkeypatch):
     ops = inject(monkeypatch, kill_at=-1)
-    Runner(**toy_cfg(tiny_arch, str(tmp_path), SAFE)).train()
+    toy_runner(tiny_arch, str(tmp_path)).train()
     monkeypatch.undo()
     assert len(ops) == N_OPS, ops
     assert ops[10:22] == [
@@ -340,7 +333,7 @@ def test_operation_order(tiny_arch, tmp_path, monkeypatch):
 def uninterrupted(tiny_arch, tmp_path_factory):
     """The final weights of the toy run without a fault."""
     work_dir = str(tmp_path_factory.mktemp('uninterrupted'))
-    runner = Runner(**toy_cfg(tiny_arch, work_dir, SAFE))
+    runner = toy_runner(tiny_arch, work_dir)
     runner.train()
     return runner.model.state_dict()
 
@@ -375,7 +368,7 @@ def test_fault_at_any_checkpoint_operation(tiny_arch, tmp_path, monkeypatch,
     first = ops.index('replace last_checkpoint') + 1 if \
         'replace last_checkpoint' in ops[:-1] else len(ops)
     assert (path is None) == (len(ops) <= first), ops
-    runner = Runner(**dict(toy_cfg(tiny_arch, work_dir, SAFE), resume=True))
+    runner = toy_runner(tiny_arch, work_dir, resume=True)
     runner.train()
     assert runner.epoch == 3
     # No randomness in this run: resuming loses nothing.
@@ -491,26 +484,13 @@ def data_cache(tmp_path_factory):
 
 
 def demo_cmd(work_dir, cache, *extra, injector=None):
-    """tools/train.py on the demo config, two epochs of two iterations."""
-    head = [sys.executable] + ([injector] if injector else [])
-    return head + [
-        osp.join(ROOT, 'tools/train.py'), DEMO, '--work-dir', work_dir,
-        *extra, '--cfg-options',
-        'train_cfg.max_epochs=2', 'train_dataloader.batch_size=32',
-        'train_dataloader.dataset.indices=64',
-        'val_dataloader.dataset.indices=32',
-        f'train_dataloader.dataset.cache_dir={cache}',
-        f'val_dataloader.dataset.cache_dir={cache}',
-        'train_dataloader.num_workers=0', 'val_dataloader.num_workers=0',
-        'train_dataloader.persistent_workers=False',
-        'val_dataloader.persistent_workers=False',
-        'param_scheduler.0.end=2', 'param_scheduler.1.T_max=2',
-        # A shrink at the end of each epoch (iterations 2 and 4): a strong
-        # penalty, a loose threshold and an EMA that follows closely.
-        'custom_hooks.0.momentum=0.9', 'custom_hooks.1.rho=0.5',
-        'custom_hooks.1.warmup_epochs=0', 'custom_hooks.2.interval=2',
-        'custom_hooks.2.threshold=0.99', 'custom_hooks.2.min_removed_flops=0',
-        'custom_hooks.3.num_batches=1']
+    """tools/train.py on the demo config, two epochs of two iterations, a
+    shrink at the end of each (an EMA that follows more closely, a looser
+    threshold than harness.FAST_SHRINK)."""
+    return harness_demo_cmd(
+        work_dir, cache, *extra, injector=injector,
+        options=FAST_SHRINK + ('custom_hooks.0.momentum=0.9',
+                               'custom_hooks.2.threshold=0.99'))
 
 
 def run(cmd, cwd, fault=None):

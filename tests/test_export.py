@@ -14,7 +14,6 @@ import torch
 from mmengine.config import Config
 from mmengine.hooks import Hook
 from mmengine.registry import init_default_scope
-from mmengine.runner import Runner
 from mmpretrain.registry import MODELS
 
 import atomnas_mm  # noqa: F401
@@ -27,7 +26,7 @@ REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 TESTS = osp.dirname(osp.abspath(__file__))
 DEMO = osp.join(REPO, 'configs', 'demo', 'atomnas_fashion_mnist.py')
 # The tiny search of test_shrink_hook: its arch, data and atom schedule.
-from harness import SCHEDULE, KillAtomsHook, make_cfg  # noqa: E402
+from harness import SCHEDULE, KillAtomsHook, build, make_cfg  # noqa: E402
 
 # A searched-looking 1-channel demo net (narrower than the demo supernet).
 DEMO_ROWS = [[16, 1, 1, [3], [16], False], [24, 1, 2, [3, 7], [20, 5], True],
@@ -78,10 +77,10 @@ def search(tmp_path_factory):
     root = tmp_path_factory.mktemp('search')
     work_dir = str(root / 'work_dirs' / 'tiny_search')
     # With EMA, shrink and BN re-calibration (before the checkpoint is written).
-    runner = Runner.from_cfg(make_cfg(work_dir, max_epochs=2))
     val = ValMetricsHook()
-    runner.register_hook(KillAtomsHook(SCHEDULE))
-    runner.register_hook(val)
+    runner = build(make_cfg(work_dir, max_epochs=2,
+                            experiment_name='tiny_search'),
+                   [KillAtomsHook(SCHEDULE), val])
     runner.train()
     ema = [h for h in runner.hooks if type(h).__name__ == 'EMAHook'][0]
     return dict(root=root, work_dir=work_dir, runner=runner,

@@ -24,26 +24,19 @@ from atomnas_mm.models import blocks, fast_forms
 from atomnas_mm.models.block_surgery import remove_atoms
 from atomnas_mm.models.blocks import AtomicBlock
 from atomnas_mm.models.fast_forms import forward_state
-import harness  # registers ToyData
+import harness
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 DEMO = osp.join(ROOT, 'configs/demo/atomnas_fashion_mnist.py')
 CL = torch.channels_last
-# a block without expand, two / three kernel groups (stride 2, residual),
-# a kernel group of one atom, a residual block with an absent kernel size
-ROWS = [[16, 1, 1, [3], [8], False],
-        [24, 1, 2, [3, 5], [8, 4], True],
-        [24, 1, 1, [3, 5, 7], [6, 1, 2], True],
-        [24, 1, 1, [3, 5, 7], [5, 0, 3], True],
-        [32, 1, 2, [3], [12], True]]
 
 
 def build(se_ratio=None, with_cp=False, dtype=torch.float64, fmt=CL,
           act_cfg=None, seed=0):
-    """A small AtomNAS with random BN affine parameters and statistics."""
+    """The toy arch 'uneven' (a kernel group of one atom, an absent kernel
+    size) with random BN affine parameters and statistics."""
     torch.manual_seed(seed)
-    model = AtomNAS(arch=dict(rows=copy.deepcopy(ROWS), stem_channels=8,
-                              last_channels=32),
+    model = AtomNAS(arch=harness.toy_arch('uneven'),
                     se_ratio=se_ratio, with_cp=with_cp, act_cfg=act_cfg)
     with torch.no_grad():
         for m in model.modules():
@@ -386,18 +379,12 @@ def test_demo_config_trains_in_channels_last(tmp_path):
                if torch.is_tensor(v) and v.dim() == 4)
 
 
-def _ddp_worker(rank, world_size, port, work_dir):
-    import os
+def _ddp_worker(rank, work_dir):
     import warnings
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world_size), MASTER_ADDR='127.0.0.1',
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    from atomnas_mm.utils import cpu_ddp_workaround
-    cfg = harness.make_cfg(work_dir, max_epochs=2, launcher='pytorch')
+    cfg = harness.make_cfg(work_dir, max_epochs=2)
     cfg['default_hooks']['memory_format'] = dict(
         type='atomnas_mm.MemoryFormatHook')
-    cpu_ddp_workaround(cfg)
+    harness.ddp_cfg(cfg)
     runner = harness.build(cfg, [harness.KillAtomsHook(harness.SCHEDULE)])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter('always')
@@ -421,9 +408,7 @@ def test_channels_last_under_ddp(tmp_path):
     gradient-stride mismatch in the reducer; after the epoch-end shrinks
     ``before_val`` restores exact strides), the search shrinks, ranks stay
     identical."""
-    import torch.multiprocessing as mp
-    mp.spawn(_ddp_worker, args=(2, harness.free_port(), str(tmp_path)),
-             nprocs=2)
+    harness.spawn_cpu_ddp(_ddp_worker, str(tmp_path))
     r0, r1 = (torch.load(tmp_path / f'rank{r}.pth', weights_only=True)
               for r in (0, 1))
     assert r0['cl'] == r1['cl'] == (True, True)

@@ -49,15 +49,16 @@ def zoo_features():
 def tiny_search(work_dir):
     """Rows and FLOPs history of a seeded 3-epoch search on toy data."""
     sys.path.insert(0, HERE)
-    from harness import build, make_cfg
+    from harness import build, make_cfg, toys_registered
     cfg = make_cfg(work_dir, max_epochs=3)
     cfg['optim_wrapper'] = dict(optimizer=dict(type='RMSprop', lr=0.05,
                                                momentum=0.9, eps=1e-3))
     cfg['custom_hooks'].insert(1, dict(type='atomnas_mm.BNL1PenaltyHook',
                                        rho=0.2, warmup_iters=0))
     cfg['custom_hooks'][2].update(threshold=0.1)
-    runner = build(cfg)
-    runner.train()
+    with toys_registered():
+        runner = build(cfg)
+        runner.train()
     hook = next(h for h in runner.hooks
                 if type(h).__name__ == 'AtomShrinkHook')
     return dict(rows=runner.model.backbone.arch_rows(),

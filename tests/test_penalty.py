@@ -1,12 +1,9 @@
 import glob
-import os
 import os.path as osp
-import uuid
 from unittest import mock
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn as nn
 from mmengine.optim import AmpOptimWrapper, OptimWrapper
 from mmengine.registry import DefaultScope
@@ -18,14 +15,10 @@ from atomnas_mm.models import AtomNAS
 from atomnas_mm.search.policy import LinearRampSchedule
 from atomnas_mm.search.penalty import (bn_l1_penalty, decayed_params,
                                        proximal_l1_step, weight_decay_loss)
-from harness import ToyData, free_port
+from harness import ddp_cfg, spawn_cpu_ddp, toy_arch, toy_loader, unique_name
 
-# 32 px toy arch: a fixed first block, two searchable blocks and one emptied
-# residual block (no atoms left).
-ARCH = dict(rows=[[8, 1, 1, [3], [8], False], [16, 1, 2, [3, 5], [8, 8], True],
-                  [16, 1, 1, [3, 5, 7], [4, 4, 4], True],
-                  [16, 1, 1, [3, 5], [0, 0], True]],
-            stem_channels=8, last_channels=32)
+# A fixed first block, two searchable blocks and one emptied residual block.
+ARCH = toy_arch('emptied')
 
 
 def random_gammas(model, seed=0):
@@ -186,10 +179,9 @@ def train(work_dir, hooks=(), wrapper_cls=OptimWrapper, wrapper_kwargs=None,
     cfg.setdefault('train_cfg', dict(by_epoch=False, max_iters=1))
     runner = Runner(
         model=model, work_dir=str(work_dir),
-        experiment_name=f'penalty_{uuid.uuid4().hex}',
-        train_dataloader=dict(
-            dataset=ToyData(n=8, num_classes=3), batch_size=batch_size, num_workers=0,
-            sampler=dict(type='DefaultSampler', shuffle=False)),
+        experiment_name=unique_name('penalty'),
+        train_dataloader=toy_loader(n=8, num_classes=3, batch_size=batch_size,
+                                    shuffle=False),
         optim_wrapper=wrapper, custom_hooks=list(hooks),
         default_hooks=dict(checkpoint=None,
                            logger=dict(type='LoggerHook', interval=1)),
@@ -344,18 +336,9 @@ def test_hook_with_amp_bf16_on_cpu(tmp_path):
 # ---------------------------------------------------------------- DDP
 
 
-def _ddp_worker(rank, world_size, port, work_dir, rho):
-    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port),
-                      RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world_size))
-    torch.set_num_threads(1)
-    if not torch.cuda.is_available():  # CPU DDP workaround (docs/method.md)
-        torch.cuda.set_device = lambda *args, **kwargs: None
-    ddp = dict(launcher='pytorch',
-               env_cfg=dict(dist_cfg=dict(backend='gloo')),
-               cfg=dict(model_wrapper_cfg=dict(
-                   type='MMDistributedDataParallel', device_ids=None,
-                   broadcast_buffers=False)))
+def _ddp_worker(rank, work_dir, rho):
+    ddp = ddp_cfg(dict())
+    ddp['cfg'] = dict(model_wrapper_cfg=ddp.pop('model_wrapper_cfg'))
     runner, hooked = train(osp.join(work_dir, 'hook'), batch_size=2,
                            hooks=[BNL1PenaltyHook(rho=rho, warmup_epochs=0)],
                            **ddp)
@@ -373,8 +356,7 @@ def _ddp_worker(rank, world_size, port, work_dir, rho):
 def test_hook_under_ddp_gloo(tmp_path):
     rho = 0.5
     # fork: the workers inherit the imports (spawn re-imports for ~30 s).
-    mp.start_processes(_ddp_worker, nprocs=2, join=True, start_method='fork',
-                       args=(2, free_port(), str(tmp_path), rho))
+    spawn_cpu_ddp(_ddp_worker, str(tmp_path), rho, start_method='fork')
     ranks = [torch.load(tmp_path / f'rank{r}.pt')
              for r in range(2)]
     assert ranks[0]['wrapped'] == 'MMDistributedDataParallel'
@@ -397,7 +379,7 @@ def test_rho_follows_runner_iter_for_resume():
     backbone = AtomNAS(ARCH, out_indices=(2, ))
     hook = BNL1PenaltyHook(rho=0.4, warmup_iters=10)
     runner = SimpleNamespace(iter=5, model=backbone, message_hub=MessageHub(
-        f'penalty_{uuid.uuid4().hex}'))
+        unique_name('penalty')))
     loss = hook.extra_loss(runner)
     assert loss.item() == pytest.approx(0.2 * bn_l1_penalty(backbone).item())
     assert runner.message_hub.get_scalar('train/penalty_rho').current() == 0.2

@@ -20,12 +20,13 @@ import torch
 
 from atomnas_mm.checkpoint import find_latest_checkpoint, read_checkpoint
 from atomnas_mm.datasets import DEBIAN_ROOT
+from atomnas_mm.engine import runner_lock
 from atomnas_mm.engine.runner_lock import (LOCK_NAME, WorkDirBusyError,
                                            WorkDirLock)
 from atomnas_mm.fileio import atomic_write_bytes
+from harness import CHECKPOINT_EVERY_ITER, FAST_SHRINK, demo_cmd
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
-DEMO = osp.join(ROOT, 'configs/demo/atomnas_fashion_mnist.py')
 KILLED = 86
 needs_data = pytest.mark.skipif(
     not osp.isdir(DEBIAN_ROOT),
@@ -96,27 +97,11 @@ TOTAL = ITERS_PER_EPOCH * EPOCHS
 def cmd(work_dir, cache, *extra, injector=None):
     """The shortened demo: 2 epochs of 4 iterations, a checkpoint every
     iteration (3 kept), a shrink every 2 iterations."""
-    head = [sys.executable] + ([injector] if injector else [])
-    return head + [
-        osp.join(ROOT, 'tools/train.py'), DEMO, '--work-dir', work_dir,
-        *extra, '--cfg-options',
-        f'train_cfg.max_epochs={EPOCHS}', 'train_dataloader.batch_size=16',
-        f'train_dataloader.dataset.indices={16 * ITERS_PER_EPOCH}',
-        'val_dataloader.dataset.indices=32',
-        f'train_dataloader.dataset.cache_dir={cache}',
-        f'val_dataloader.dataset.cache_dir={cache}',
-        'train_dataloader.num_workers=0', 'val_dataloader.num_workers=0',
-        'train_dataloader.persistent_workers=False',
-        'val_dataloader.persistent_workers=False',
-        'param_scheduler.0.end=2', f'param_scheduler.1.T_max={EPOCHS}',
-        'default_hooks.checkpoint.by_epoch=False',
-        'default_hooks.checkpoint.interval=1',
-        'default_hooks.checkpoint.max_keep_ckpts=3',
-        'default_hooks.checkpoint.save_best=None',
-        'custom_hooks.0.momentum=0.5', 'custom_hooks.1.rho=0.5',
-        'custom_hooks.1.warmup_epochs=0', 'custom_hooks.2.interval=2',
-        'custom_hooks.2.threshold=0.5', 'custom_hooks.2.min_removed_flops=0',
-        'custom_hooks.3.num_batches=1']
+    return demo_cmd(work_dir, cache, *extra, epochs=EPOCHS, batch_size=16,
+                    iters_per_epoch=ITERS_PER_EPOCH, injector=injector,
+                    options=CHECKPOINT_EVERY_ITER + (
+                        'default_hooks.checkpoint.max_keep_ckpts=3', ) +
+                    FAST_SHRINK)
 
 
 def env(**extra):
@@ -145,10 +130,14 @@ def injector(tmp_path):
 
 
 # -- the lock, in-process ----------------------------------------------------
+# The holder loads runner_lock.py alone (stdlib only): a process that
+# takes no 2 s to import torch and mmengine.
 HOLD = textwrap.dedent('''\
-    import sys, time
-    from atomnas_mm.engine.runner_lock import WorkDirLock
-    lock = WorkDirLock(sys.argv[1])
+    import importlib.util, sys
+    spec = importlib.util.spec_from_file_location('runner_lock', sys.argv[3])
+    runner_lock = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(runner_lock)
+    lock = runner_lock.WorkDirLock(sys.argv[1])
     lock.acquire()
     print('held', flush=True)
     if sys.argv[2] == 'die':
@@ -160,7 +149,8 @@ HOLD = textwrap.dedent('''\
 
 
 def hold(work_dir, how):
-    proc = subprocess.Popen([sys.executable, '-c', HOLD, work_dir, how],
+    proc = subprocess.Popen([sys.executable, '-c', HOLD, work_dir, how,
+                             runner_lock.__file__],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             text=True, cwd=ROOT)
     assert proc.stdout.readline().strip() == 'held'

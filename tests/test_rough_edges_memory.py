@@ -9,16 +9,13 @@ import torch
 from atomnas_mm.models import AtomNAS
 from atomnas_mm.models.fast_forms import _FORWARD_STATE, _INFERENCE_CACHE
 from atomnas_mm.search import apply_plan, plan_shrink
-
-ROWS = [[8, 1, 1, [3], [8], False], [12, 1, 2, [3, 5, 7], [6, 6, 6], True],
-        [12, 1, 1, [3, 5, 7], [6, 6, 6], True],
-        [16, 1, 1, [3, 5], [8, 8], True]]
+from harness import toy_arch
 
 
 def net_with_dead_atoms():
     """layer2.1 (residual) all dead: emptied; layer2.0 loses kernel 5."""
     torch.manual_seed(0)
-    net = AtomNAS(arch=dict(rows=ROWS, stem_channels=8, last_channels=32))
+    net = AtomNAS(arch=toy_arch())
     blocks = net.blocks()
     with torch.no_grad():
         blocks[1].dw['k5'].norm.weight.zero_()

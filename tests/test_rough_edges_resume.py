@@ -9,7 +9,6 @@ import json
 import os
 import os.path as osp
 import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -17,9 +16,8 @@ import torch
 
 from atomnas_mm.checkpoint import read_checkpoint
 from atomnas_mm.datasets import DEBIAN_ROOT
+from harness import CHECKPOINT_EVERY_ITER, FAST_SHRINK, demo_cmd
 
-ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
-DEMO = osp.join(ROOT, 'configs/demo/atomnas_fashion_mnist.py')
 KILLED = 86
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(
@@ -53,28 +51,10 @@ EPOCHS = 2
 def cmd(work_dir, cache, *extra, injector=None, workers=0):
     """The demo, 2 epochs of 4 iterations, a checkpoint every iteration,
     a shrink every 2 iterations."""
-    head = [sys.executable] + ([injector] if injector else [])
-    persistent = workers > 0
-    return head + [
-        osp.join(ROOT, 'tools/train.py'), DEMO, '--work-dir', work_dir,
-        *extra, '--cfg-options',
-        f'train_cfg.max_epochs={EPOCHS}', 'train_dataloader.batch_size=16',
-        f'train_dataloader.dataset.indices={16 * ITERS_PER_EPOCH}',
-        'val_dataloader.dataset.indices=32',
-        f'train_dataloader.dataset.cache_dir={cache}',
-        f'val_dataloader.dataset.cache_dir={cache}',
-        f'train_dataloader.num_workers={workers}',
-        'val_dataloader.num_workers=0',
-        f'train_dataloader.persistent_workers={persistent}',
-        'val_dataloader.persistent_workers=False',
-        'param_scheduler.0.end=2', f'param_scheduler.1.T_max={EPOCHS}',
-        'default_hooks.checkpoint.by_epoch=False',
-        'default_hooks.checkpoint.interval=1',
-        'default_hooks.checkpoint.save_best=None',
-        'custom_hooks.0.momentum=0.5', 'custom_hooks.1.rho=0.5',
-        'custom_hooks.1.warmup_epochs=0', 'custom_hooks.2.interval=2',
-        'custom_hooks.2.threshold=0.5', 'custom_hooks.2.min_removed_flops=0',
-        'custom_hooks.3.num_batches=1']
+    return demo_cmd(work_dir, cache, *extra, epochs=EPOCHS, batch_size=16,
+                    iters_per_epoch=ITERS_PER_EPOCH, workers=workers,
+                    injector=injector,
+                    options=CHECKPOINT_EVERY_ITER + FAST_SHRINK)
 
 
 def run(command, cwd, **env):

@@ -9,15 +9,13 @@ from atomnas_mm.models import AtomNAS
 from atomnas_mm.search import (FLOPsCost, apply_plan, plan_shrink,
                                removed_cost, reshape_to_arch, shrink_model,
                                shrink_optimizer)
+from harness import ROWS, toy_arch
 
-ROWS = [[8, 1, 1, [3], [8], False], [12, 1, 2, [3, 5, 7], [6, 6, 6], True],
-        [12, 1, 1, [3, 5, 7], [6, 6, 6], True],
-        [16, 1, 2, [3, 5], [8, 8], True], [16, 1, 1, [3, 5, 7], [4, 4, 4], True]]
 
 
 def small_net(seed=0):
     torch.manual_seed(seed)
-    net = AtomNAS(arch=dict(rows=ROWS, stem_channels=8, last_channels=32))
+    net = AtomNAS(arch=toy_arch())
     for m in net.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.uniform_(-1, 1)

@@ -1,23 +1,15 @@
 """AtomShrinkHook under 2-process CPU DDP (gloo)."""
-import pytest
-import os
 import os.path as osp
 
+import pytest
 import torch
-import torch.multiprocessing as mp
 
-from harness import SCHEDULE, KillAtomsHook, build, free_port, make_cfg
+from harness import (SCHEDULE, KillAtomsHook, build, ddp_cfg, make_cfg,
+                     spawn_cpu_ddp)
 
 
-
-def _worker(rank, world_size, port, work_dir):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world_size), MASTER_ADDR='127.0.0.1',
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    from atomnas_mm.utils import cpu_ddp_workaround
-    cfg = make_cfg(work_dir, max_epochs=2, launcher='pytorch')
-    cpu_ddp_workaround(cfg)
+def _worker(rank, work_dir):
+    cfg = ddp_cfg(make_cfg(work_dir, max_epochs=2))
     runner = build(cfg, [KillAtomsHook(SCHEDULE)])
     runner.train()
     model = runner.model
@@ -32,7 +24,7 @@ def _worker(rank, world_size, port, work_dir):
 
 @pytest.mark.slow
 def test_ddp_ranks_shrink_identically(tmp_path):
-    mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2)
+    spawn_cpu_ddp(_worker, str(tmp_path))
     r0 = torch.load(tmp_path / 'rank0.pth', weights_only=True)
     r1 = torch.load(tmp_path / 'rank1.pth', weights_only=True)
     assert r0['rows'] == r1['rows']
