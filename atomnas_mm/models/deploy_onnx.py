@@ -16,11 +16,11 @@ and depthwise conv, widened with zero channels to a multiple of ``align``;
 the parts are concatenated (aligned, so ``Concat`` stays blocked) before one
 projection conv. Zero channels output ``act(0)`` into zero projection
 columns (and zero SE squeeze columns), so outputs are unchanged up to float
-rounding. Which kernel groups share a part is chosen per block by
-:func:`choose_parts` from the padded multiply-adds plus a fixed cost per
-part (measured: docs/benchmarks.md). ``merge='split'`` keeps one part per
-kernel group, ``merge='merged'`` one part per block (``deploy_model``'s
-merged depthwise, aligned).
+rounding. ``merge='merged'`` (the default, the fastest measured at batch 1
+and 32: docs/benchmarks.md, "Deployment") makes one part per block, i.e.
+``deploy_model``'s merged depthwise conv, aligned; ``'split'`` one part per
+kernel group; ``'auto'`` chooses per block (:func:`choose_parts`: padded
+multiply-adds plus a fixed cost per part).
 """
 import copy
 import itertools
@@ -234,7 +234,7 @@ def _scatter(tensor, index, dim):
     return out
 
 
-def onnx_block(block, pixels=1.0, align=DEFAULT_ALIGN, merge='auto'):
+def onnx_block(block, pixels=1.0, align=DEFAULT_ALIGN, merge='merged'):
     """The ONNX Runtime form of one eval-mode :class:`AtomicBlock` (BN
     folded on a copy; ``block`` is unchanged).
 
@@ -255,7 +255,7 @@ def onnx_block(block, pixels=1.0, align=DEFAULT_ALIGN, merge='auto'):
         return OnnxAtomicBlock(block, parts, align).eval()
 
 
-def onnx_model(model, example, align=DEFAULT_ALIGN, merge='auto'):
+def onnx_model(model, example, align=DEFAULT_ALIGN, merge='merged'):
     """An eval-mode model holding AtomicBlocks, converted for ONNX Runtime.
 
     A pure function: the converted copy has every conv-following BN folded

@@ -12,9 +12,11 @@ config. The work is done by :mod:`atomnas_mm.export`.
 
 The graph is the exact ONNX Runtime form (:mod:`atomnas_mm.models.deploy_onnx`,
 docs/benchmarks.md "Deployment"): BN folded, every AtomNAS block's kernel
-groups in parts widened with zero channels to a multiple of ``--align`` (16:
+groups widened with zero channels to a multiple of ``--align`` (16:
 ONNX Runtime's channel block on AVX-512 CPUs, aligned for AVX2's 8 too), the
-parts chosen per block (``--deploy-form auto``); same outputs.
+kernel groups of a block merged into one depthwise conv (``--deploy-form
+merged``, the fastest measured; ``auto`` and ``split`` keep parts); same
+outputs.
 ``--deploy-form modules`` exports the modules as built (slower there).
 
 Uses torch's TorchScript-based exporter (``dynamo=False``), which needs only
@@ -60,11 +62,12 @@ def parse_args(argv=None):
     parser.add_argument('--opset', type=int, default=17, help='ONNX opset')
     parser.add_argument('--softmax', action='store_true',
                         help='output probabilities instead of logits')
-    parser.add_argument('--deploy-form', default='auto',
+    parser.add_argument('--deploy-form', default='merged',
                         choices=['auto', 'split', 'merged', 'modules'],
-                        help='AtomNAS blocks: parts chosen per block (auto), '
-                        'one per kernel group (split), one merged depthwise '
-                        '(merged), or the modules as built')
+                        help='AtomNAS blocks: one merged depthwise conv '
+                        '(merged, default), parts chosen per block (auto), '
+                        'one part per kernel group (split), or the modules '
+                        'as built')
     parser.add_argument('--align', type=int,
                         help='round every part up to a multiple of this many '
                         'channels with zero channels (default 16; 1: none)')
