@@ -317,8 +317,8 @@ def spawn_cpu_ddp(worker, *args, nprocs=2, start_method='spawn'):
 
 
 def demo_cmd(work_dir, cache, *extra, epochs=2, batch_size=32,
-             iters_per_epoch=2, val_images=32, workers=0, options=(),
-             injector=None):
+             iters_per_epoch=2, val_images=32, workers=0, warmup_iters=2,
+             options=(), injector=None, config=DEMO):
     """``tools/train.py`` on the demo search, shortened: ``epochs`` of
     ``iters_per_epoch`` iterations on a Fashion-MNIST cache in ``cache``,
     the LR schedule fitted to the length.
@@ -327,13 +327,15 @@ def demo_cmd(work_dir, cache, *extra, epochs=2, batch_size=32,
         extra: Arguments before ``--cfg-options`` (e.g. ``'--resume'``).
         workers: Training dataloader workers (persistent when > 0);
             validation has none.
+        warmup_iters: Iterations of the LR warm-up.
+        config: The demo config (the plain search by default).
         options: More ``--cfg-options`` (later ones win).
         injector: A script that runs ``tools/train.py`` itself (fault
             injection), put before it on the command line.
     """
     head = [sys.executable] + ([injector] if injector else [])
     return head + [
-        osp.join(ROOT, 'tools/train.py'), DEMO, '--work-dir', work_dir,
+        osp.join(ROOT, 'tools/train.py'), config, '--work-dir', str(work_dir),
         *extra, '--cfg-options', f'train_cfg.max_epochs={epochs}',
         f'train_dataloader.batch_size={batch_size}',
         f'train_dataloader.dataset.indices={batch_size * iters_per_epoch}',
@@ -344,7 +346,8 @@ def demo_cmd(work_dir, cache, *extra, epochs=2, batch_size=32,
         'val_dataloader.num_workers=0',
         f'train_dataloader.persistent_workers={workers > 0}',
         'val_dataloader.persistent_workers=False',
-        'param_scheduler.0.end=2', f'param_scheduler.1.T_max={epochs}',
+        f'param_scheduler.0.end={warmup_iters}',
+        f'param_scheduler.1.T_max={epochs}',
         *options]
 
 

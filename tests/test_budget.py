@@ -10,7 +10,7 @@ from mmengine.hooks import Hook
 
 from atomnas_mm.models import AtomNAS, count_flops_params
 from harness import (SUPERNET, RecordHook, budget_cfg, build, ddp_cfg,
-                     shrink_hook, spawn_cpu_ddp, supernet_flops)
+                     demo_cmd, shrink_hook, spawn_cpu_ddp, supernet_flops)
 
 
 def test_lands_on_flops_target_by_the_deadline_and_never_below(tmp_path):
@@ -198,24 +198,15 @@ def test_demo_target_config_lands_through_train_py(tmp_path):
     the target is set from the command line as a user would."""
     import json
     import subprocess
-    import sys
     target = 1.5e6
     work_dir = tmp_path / 'work'
-    cmd = [sys.executable, osp.join(ROOT, 'tools/train.py'),
-           osp.join(ROOT, 'configs/demo/atomnas_fashion_mnist_target.py'),
-           '--work-dir', str(work_dir), '--cfg-options',
-           'train_cfg.max_epochs=2', 'train_dataloader.batch_size=32',
-           'train_dataloader.dataset.indices=1024',
-           'val_dataloader.dataset.indices=256',
-           f'train_dataloader.dataset.cache_dir={tmp_path / "data"}',
-           f'val_dataloader.dataset.cache_dir={tmp_path / "data"}',
-           'train_dataloader.num_workers=0', 'val_dataloader.num_workers=0',
-           'train_dataloader.persistent_workers=False',
-           'val_dataloader.persistent_workers=False',
-           'param_scheduler.0.end=5', 'param_scheduler.1.T_max=2',
-           'custom_hooks.1.warmup_epochs=0', 'custom_hooks.2.interval=8',
-           f'custom_hooks.2.target.flops={target}',
-           'custom_hooks.3.num_batches=2']
+    cmd = demo_cmd(work_dir, tmp_path / 'data', iters_per_epoch=32,
+                   val_images=256, warmup_iters=5, config=osp.join(
+                       ROOT, 'configs/demo/atomnas_fashion_mnist_target.py'),
+                   options=('custom_hooks.1.warmup_epochs=0',
+                            'custom_hooks.2.interval=8',
+                            f'custom_hooks.2.target.flops={target}',
+                            'custom_hooks.3.num_batches=2'))
     out = subprocess.run(cmd, cwd=str(tmp_path), capture_output=True,
                          text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]

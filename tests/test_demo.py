@@ -9,6 +9,7 @@ from mmengine.config import Config
 
 from atomnas_mm.datasets import (DEBIAN_ROOT, DatasetNotFoundError,
                                  FashionMNIST, check_data)
+from harness import demo_cmd
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 CONFIG = osp.join(ROOT, 'configs/demo/atomnas_fashion_mnist.py')
@@ -73,23 +74,14 @@ def test_demo_searches_and_shrinks(tmp_path):
     iterations; the demo's own settings need a few thousand.
     """
     work_dir = tmp_path / 'work'
-    cmd = [sys.executable, osp.join(ROOT, 'tools/train.py'), CONFIG,
-           '--work-dir', str(work_dir), '--cfg-options',
-           'train_cfg.max_epochs=2',
-           'train_dataloader.batch_size=32',
-           'train_dataloader.dataset.indices=1024',
-           'val_dataloader.dataset.indices=256',
-           f'train_dataloader.dataset.cache_dir={tmp_path / "data"}',
-           f'val_dataloader.dataset.cache_dir={tmp_path / "data"}',
-           'train_dataloader.num_workers=0', 'val_dataloader.num_workers=0',
-           'train_dataloader.persistent_workers=False',
-           'val_dataloader.persistent_workers=False',
-           'param_scheduler.0.end=5', 'param_scheduler.1.T_max=2',
-           'custom_hooks.0.momentum=0.5',
-           'custom_hooks.1.rho=0.05', 'custom_hooks.1.warmup_epochs=0',
-           'custom_hooks.2.interval=8', 'custom_hooks.2.threshold=0.3',
-           'custom_hooks.2.min_removed_flops=0',
-           'custom_hooks.3.num_batches=2']
+    cmd = demo_cmd(work_dir, tmp_path / 'data', iters_per_epoch=32,
+                   val_images=256, warmup_iters=5, options=(
+                       'custom_hooks.0.momentum=0.5', 'custom_hooks.1.rho=0.05',
+                       'custom_hooks.1.warmup_epochs=0',
+                       'custom_hooks.2.interval=8',
+                       'custom_hooks.2.threshold=0.3',
+                       'custom_hooks.2.min_removed_flops=0',
+                       'custom_hooks.3.num_batches=2'))
     out = subprocess.run(cmd, cwd=str(tmp_path), capture_output=True,
                          text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]

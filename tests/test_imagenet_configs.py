@@ -1,5 +1,6 @@
 """The shipped ImageNet configs build their datasets on a tiny ImageNet folder."""
 import glob
+import json
 import os.path as osp
 
 import numpy as np
@@ -38,6 +39,24 @@ def imagenet(tmp_path_factory):
     return str(root)
 
 
+BUILT = {}  # dataset settings (JSON) -> what the built dataset holds
+
+
+def built(ds_cfg):
+    """Length, labels, the last item's input shape and label of the dataset
+    ``ds_cfg``; configs with the same dataset settings build it once."""
+    key = json.dumps(ds_cfg.to_dict(), sort_keys=True, default=str)
+    if key not in BUILT:
+        dataset = DATASETS.build(ds_cfg)
+        n = len(dataset)
+        item = dataset[n - 1]
+        BUILT[key] = (n, [dataset.get_data_info(i)['gt_label']
+                          for i in range(n)],
+                      tuple(item['inputs'].shape),
+                      int(item['data_samples'].gt_label))
+    return BUILT[key]
+
+
 @pytest.mark.parametrize('path', CONFIGS, ids=osp.basename)
 def test_imagenet_datasets_build(path, imagenet):
     cfg = Config.fromfile(path)
@@ -48,10 +67,4 @@ def test_imagenet_datasets_build(path, imagenet):
         assert ds_cfg.type == 'ImageNet' and ds_cfg.data_root == \
             'data/imagenet'
         ds_cfg.data_root = imagenet
-        dataset = DATASETS.build(ds_cfg)
-        assert len(dataset) == n
-        assert [dataset.get_data_info(i)['gt_label'] for i in range(n)] == \
-            labels
-        item = dataset[n - 1]
-        assert tuple(item['inputs'].shape) == (3, 224, 224)
-        assert int(item['data_samples'].gt_label) == labels[-1]
+        assert built(ds_cfg) == (n, labels, (3, 224, 224), labels[-1])
