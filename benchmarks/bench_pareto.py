@@ -41,8 +41,11 @@ demo supernet on this CPU (``tools/analysis_tools/atom_latency_table.py``,
 batch 1, 28 px), runs the search with ``target=dict(latency_ms=...)`` at
 ``--latency-fraction`` of the supernet's predicted latency (the middle of
 the reachable range when that is out of it), and prints the searched net's
-predicted vs measured latency (``measure_ms``, interleaved with the
-supernet's).
+predicted vs measured latency (interleaved with the supernet's, median of
+``--latency-reps``). ``--latency-runtime onnxruntime`` measures the table
+and the nets in ONNX Runtime (``--threads`` intra-op threads, each block
+exported alone in the form ``pytorch2onnx.py`` writes: kernel groups in
+parts padded to 16 channels; ``--latency-align`` another padding).
 """
 import argparse
 import copy
@@ -380,9 +383,8 @@ def uptime():
 
 def run_latency(args, tmp):
     """Measure a table, search at a latency target, measure the result."""
-    from atomnas_mm.search.budget import BudgetController
     from atomnas_mm.search.costs import LatencyCost
-    from atomnas_mm.search.latency import measure_ms
+    from atomnas_mm.search.latency import measure_net_ms
     from atomnas_mm.search.shrink import width_cost_of
     tool = osp.join(ROOT, 'tools/analysis_tools/atom_latency_table.py')
     table = args.latency_table or osp.join(tmp, 'latency_cpu.json')
@@ -392,13 +394,18 @@ def run_latency(args, tmp):
         print(f'\nlatency table ({uptime()})', flush=True)
         subprocess.run([sys.executable, tool, SEARCH_CONFIG, '--device',
                         'cpu', '--batch', '1', '--shape', str(SIZE), '--out',
-                        table], check=True)
+                        table, '--runtime', args.latency_runtime,
+                        '--threads', str(args.threads), '--samples',
+                        str(args.latency_samples)] + (
+                            ['--align', str(args.latency_align)]
+                            if args.latency_align else []), check=True)
     print(f'predicted vs measured, sub-nets ({uptime()}):', flush=True)
     subprocess.run([sys.executable, tool, SEARCH_CONFIG, '--table', table,
                     '--predict'], check=True)
     cost = LatencyCost(table)
     supernet = AtomNAS(arch=supernet_arch())
-    low, high = BudgetController.reachable(width_cost_of(supernet, cost))
+    widths = width_cost_of(supernet, cost)
+    low, high = widths.smallest(), widths.total
     target = args.latency_fraction * high
     print(f'predicted supernet {high:.3f} ms; reachable by the search '
           f'[{low:.3f}, {high:.3f}] ms (table)')
@@ -411,15 +418,19 @@ def run_latency(args, tmp):
     result, backbone = train(cfg)
     print('shrinks (iter, MFLOPs, predicted ms): ' + ', '.join(
         f'({i}, {f / 1e6:.3f}, {c:.3f})' for i, f, c in result['history']))
-    x = torch.randn(1, 1, SIZE, SIZE)
     measured = dict(searched=[], supernet=[])
     for _ in range(args.latency_reps):  # interleaved, median
-        measured['searched'].append(measure_ms(backbone, x, 0.5))
-        measured['supernet'].append(measure_ms(supernet, x, 0.5))
+        measured['searched'].append(measure_net_ms(cost.table, backbone.eval(),
+                                                   min_run_time=0.5))
+        measured['supernet'].append(measure_net_ms(cost.table, supernet.eval(),
+                                                   min_run_time=0.5))
     med = {k: statistics.median(v) for k, v in measured.items()}
     predicted = cost.total(backbone.eval())
-    print(f'\n### latency target, batch 1, 28 px, CPU '
-          f'({torch.get_num_threads()} threads; {uptime()})\n')
+    print(f'\n### latency target, batch 1, 28 px, CPU, '
+          f'{cost.table.get("runtime", "torch")} (kernel groups: '
+          f'{cost.table.get("form", "merged")}, padded to '
+          f'{cost.table.get("align", 1)}; {cost.table.get("threads")} '
+          f'threads; {uptime()})\n')
     print('| net | backbone MFLOPs | predicted ms | measured ms (median of '
           f'{args.latency_reps}) | predicted vs measured |')
     print('|---|---|---|---|---|')
@@ -511,6 +522,15 @@ def parse_args():
     parser.add_argument('--latency-reps', type=int, default=5)
     parser.add_argument('--latency-table', help='where to keep the table '
                         '(an existing file is used as it is)')
+    parser.add_argument('--latency-runtime', default='torch',
+                        choices=['torch', 'onnxruntime'])
+    parser.add_argument('--latency-align', type=int, default=None,
+                        help='kernel groups of the deployed net padded to a '
+                        'multiple of this width (table and measurement; '
+                        'default: the tool\'s, 16 for onnxruntime as '
+                        'pytorch2onnx.py exports)')
+    parser.add_argument('--latency-samples', type=int, default=4,
+                        help='widths per kernel curve of the table')
     args = parser.parse_args()
     if args.quick:
         args.targets, args.seeds = args.targets[:1], args.seeds[:1]

@@ -193,7 +193,7 @@ def set_penalty_weights(backbone, cost):
 TABLE_VERSION = 2
 #: runtimes a latency table can describe; how a block's kernel groups run
 RUNTIMES = ('torch', 'onnxruntime')
-FORMS = ('merged', 'split')
+FORMS = ('merged', 'split', 'export')
 
 
 @SEARCH.register_module()
@@ -210,20 +210,26 @@ class LatencyCost:
     * ``merged`` (PyTorch's eval mode, ``deploy_model``): one zero-padded
       depthwise conv of its largest kernel; a block with widths ``h`` costs
       ``L_kmax(sum h)``;
-    * ``split`` (the graph ``pytorch2onnx.py`` exports): one conv per group;
+    * ``split`` (the block traced as built): one conv per group;
       ``base + sum_k (L_k(h_k) - base) + group_ms * (groups - 1)``, where
-      ``group_ms`` (measured) is the Split/Concat and extra conv of a group.
+      ``group_ms`` (measured) is the Split/Concat and extra conv of a group;
+    * ``export`` (what ``pytorch2onnx.py`` writes,
+      :func:`~atomnas_mm.models.deploy_onnx.onnx_model`): the groups gathered
+      into parts (the export's own :func:`choose_parts` with the table's
+      ``merge``), each part its own expand and depthwise conv padded to a
+      multiple of ``align``; costed like ``split`` with parts for groups (a
+      part's curve: its largest kernel at its padded width).
 
     With ``align`` > 1 the deployed form pads every group to a multiple of
     it: widths are rounded up first. Curves are interpolated linearly between
     the samples (``base``, their extrapolation to width 0, below the first);
     an emptied block costs its measured identity time (0 for a residual
-    block). An atom costs the mean slope of its kernel's curve,
-    ``(L_k(max) - base) / max``; in a residual block also an equal share of
-    what emptying the block saves beyond the slopes (its fixed cost), so the
-    atoms of a block add up to its cost: the penalty weights and the live
-    cost see that emptying a block pays (at small inputs the fixed cost is
-    most of a block's latency).
+    block). An atom of kernel group ``g`` costs ``(L(h) - L(h without
+    g)) / h_g``, its share of what emptying the group saves; in a residual
+    block also an equal share of the rest (the block's fixed cost), so the
+    atoms of a block add up to what emptying it saves: the penalty weights
+    and the live cost see that emptying a group or a block pays (at small
+    inputs fixed costs are most of a block's latency).
 
     Args:
         table (str | dict): The JSON table or its path.
@@ -255,6 +261,7 @@ class LatencyCost:
         self.form = table.get('form', 'merged')
         self.align = table.get('align', 1)
         self.quantum = table.get('quantum', 1)
+        self.merge = table.get('merge', 'auto')
 
     def _entries(self, backbone):
         entries = self.table['blocks']
@@ -291,12 +298,17 @@ class LatencyCost:
         return _interp(width, [0] + widths, [entry['base_ms']] + ms)
 
     @classmethod
-    def block_ms(cls, entry, groups, form='merged', align=1, quantum=1):
+    def block_ms(cls, entry, groups, form='merged', align=1, quantum=1,
+                 merge='auto'):
         """Predicted latency of a block with ``[(kernel, width), ...]``
-        run in ``form``, its groups padded to multiples of ``align``."""
-        groups = [(k, -(-h // align) * align) for k, h in groups if h > 0]
+        run in ``form``, its groups (``export``: parts) padded to multiples
+        of ``align``."""
+        groups = [(k, h) for k, h in groups if h > 0]
         if not groups:
             return entry['empty_ms']
+        if form == 'export':
+            groups = export_parts(entry, groups, align, merge)
+        groups = [(k, -(-h // align) * align) for k, h in groups]
         if form == 'merged':
             return cls._width_ms(entry, max(k for k, _ in groups),
                                  sum(h for _, h in groups), quantum)
@@ -308,7 +320,7 @@ class LatencyCost:
 
     def _block_ms(self, entry, groups):
         return self.block_ms(entry, groups, self.form, self.align,
-                             self.quantum)
+                             self.quantum, self.merge)
 
     def atom_costs(self, backbone):
         costs = []
@@ -316,25 +328,20 @@ class LatencyCost:
             if not block.searchable:
                 costs.append(None)
                 continue
-
-            def slope(k, entry=entry):
-                widths, ms = self._curve(entry, k)
-                return max(ms[-1] - entry['base_ms'], 0.0) / widths[-1]
-
-            if self.form == 'split':
-                # each group alone: its mean cost per atom at its width now
-                # (unaligned widths run another path)
-                per = torch.cat([torch.full((h, ), max(self._width_ms(
-                    entry, k, -(-h // self.align) * self.align,
-                    self.quantum) - entry['base_ms'], 0.0) / h)
-                    for k, h in block.atom_groups() if h] or
-                    [torch.zeros(0)])
-            else:
-                per = _per_atom(block, slope)
+            # An atom costs its group's share of what emptying the group
+            # saves (a group's own conv, Split/Concat input or part goes
+            # with its last atom); in a residual block also an equal share
+            # of the rest, so the atoms add up to what emptying it saves.
+            groups = block.atom_groups()
+            full = self._block_ms(entry, groups)
+            per = []
+            for i, (k, h) in enumerate(groups):
+                rest = groups[:i] + groups[i + 1:]
+                saving = max(full - self._block_ms(entry, rest), 0.0)
+                per.append(torch.full((h, ), saving / max(h, 1)))
+            per = torch.cat(per)
             if block.use_res and per.numel():
-                # Emptying the block saves its fixed cost too.
-                fixed = self._block_ms(entry, block.atom_groups()) - \
-                    entry['empty_ms'] - per.sum().item()
+                fixed = full - entry['empty_ms'] - per.sum().item()
                 per += max(fixed, 0.0) / per.numel()
             costs.append(per)
         return costs
@@ -348,6 +355,36 @@ class LatencyCost:
         return self.table['stem_ms'] + self.table['head_ms'] + sum(
             self._block_ms(entry, block.atom_groups())
             for entry, block in self._entries(backbone))
+
+
+class _GroupsView:
+    """What :func:`~atomnas_mm.models.deploy_onnx.choose_parts` reads of
+    a block, from a table entry and ``[(kernel, width), ...]``."""
+
+    class _Conv:
+        def __init__(self, k, h, stride):
+            self.kernel_size, self.out_channels = (k, k), h
+            self.stride = (stride, stride)
+
+    def __init__(self, entry, groups):
+        self.in_channels, self.out_channels, stride = entry['geometry']
+        self.expand = True
+        self.dw = {str(i): type('DW', (), dict(conv=self._Conv(k, h, stride)))
+                   for i, (k, h) in enumerate(groups)}
+
+
+def export_parts(entry, groups, align, merge='auto'):
+    """``[(kernel, width), ...]`` of the parts the ONNX export makes of a
+    block with these kernel groups: the export's own choice
+    (:func:`~atomnas_mm.models.deploy_onnx.choose_parts` at the block's
+    input size), a part's kernel its largest, its width the groups' sum."""
+    from ..models.deploy_onnx import choose_parts
+    if len(groups) < 2:
+        return list(groups)
+    parts = choose_parts(_GroupsView(entry, groups), merge, align,
+                         float(entry.get('input_size', 1)) ** 2)
+    return [(max(groups[g][0] for g in part),
+             sum(groups[g][1] for g in part)) for part in parts]
 
 
 def _monotone(table):

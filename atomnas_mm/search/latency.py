@@ -8,9 +8,11 @@ kernel sizes at a few widths and timed, stem and head too.
   (one zero-padded depthwise conv of the largest kernel per block), timed
   with ``torch.utils.benchmark``.
 * ``runtime='onnxruntime'``: each part exported alone with torch's ONNX
-  exporter (the eval-mode graph ``tools/deployment/pytorch2onnx.py``
-  writes: ``form='split'``, one depthwise conv per kernel group between a
-  Split and a Concat; ``form='merged'``: the :func:`deploy_model` form) and
+  exporter in the form deployed (``form='export'``: what
+  ``tools/deployment/pytorch2onnx.py`` writes, kernel groups gathered into
+  parts padded to ``align`` channels; ``'split'``: the block traced as
+  built, a depthwise conv per kernel group between a Split and a Concat;
+  ``'merged'``: the :func:`deploy_model` form) and
   timed in an ONNX Runtime CPU session (graph optimisation ALL, a fixed
   intra-op thread count, warm-up, the median of single runs). The fixed
   cost of one ``session.run`` call (an Identity graph of the part's input)
@@ -96,13 +98,19 @@ def measure_ms_ort(module, x, threads=1, min_run_time=0.1):
                         min_run_time)
 
 
-def deployed(module, form):
-    """The form of ``module`` a runtime runs: ``'merged'``: the
-    :func:`~atomnas_mm.models.deploy.deploy_model` copy (BN folded, kernel
-    groups in one padded depthwise conv); ``'split'``: as it is."""
+def deployed(module, form, x=None, align=1, merge='auto'):
+    """The form of ``module`` a runtime runs on input ``x``: ``'merged'``:
+    the :func:`~atomnas_mm.models.deploy.deploy_model` copy (BN folded,
+    kernel groups in one padded depthwise conv); ``'split'``: as it is;
+    ``'export'``: what ``pytorch2onnx.py`` writes
+    (:func:`~atomnas_mm.models.deploy_onnx.onnx_model`, parts padded to
+    ``align``)."""
     if form == 'merged':
         from ..models.deploy import deploy_model
         return deploy_model(module)
+    if form == 'export':
+        from ..models.deploy_onnx import onnx_model
+        return onnx_model(module, x, align, merge)
     return module
 
 
@@ -139,8 +147,8 @@ def off_widths(widths, align, quantum):
 
 def measure_table(backbone, device='cpu', batch=1, input_size=224,
                   samples=4, min_run_time=0.1, progress=True,
-                  runtime='torch', threads=None, form=None, align=1,
-                  quantum=None):
+                  runtime='torch', threads=None, form=None, align=None,
+                  quantum=None, merge='auto'):
     """Measure the latency table of ``backbone`` on ``device``.
 
     Args:
@@ -157,17 +165,22 @@ def measure_table(backbone, device='cpu', batch=1, input_size=224,
         runtime (str): ``'torch'`` or ``'onnxruntime'``.
         threads (int, optional): Intra-op threads (``onnxruntime``: default
             1; ``torch``: the process's, ``torch.set_num_threads``).
-        form (str, optional): How a block's kernel groups run: ``'merged'``
-            (one padded depthwise conv; the only form of ``torch``) or
-            ``'split'`` (one conv per group: what ``pytorch2onnx.py``
-            exports; the default of ``onnxruntime``).
-        align (int): The deployed form pads every kernel group to a multiple
-            of this width; curves are measured at such widths.
+        form (str, optional): How a block's kernel groups run:
+            ``'merged'`` (one padded depthwise conv; the only form of
+            ``torch``), ``'split'`` (one conv per group: the block traced as
+            built) or ``'export'`` (what ``pytorch2onnx.py`` writes: groups
+            gathered into aligned parts; the default of ``onnxruntime``).
+        align (int, optional): The deployed form pads every kernel group
+            (``export``: part) to a multiple of this width; curves are
+            measured at such widths (default: the export's 16 for
+            ``export``, else 1).
         quantum (int, optional): A conv whose width is a multiple of it runs
             another (faster) path: ONNX Runtime's blocked NCHWc convs need
             multiples of 4 (default 4 for ``onnxruntime``, 1 for ``torch``).
             With ``quantum`` > 1 every curve has a second one (``off_widths``,
             ``off_ms``) for the other widths.
+        merge (str): The export's choice of parts (``'auto'``, ``'split'``,
+            ``'merged'``; ``export`` only).
 
     Returns:
         dict: The table (JSON-serialisable).
@@ -175,12 +188,15 @@ def measure_table(backbone, device='cpu', batch=1, input_size=224,
     from mmengine.utils import ProgressBar
     if runtime not in RUNTIMES:
         raise ValueError(f'runtime: one of {RUNTIMES}, got {runtime!r}')
-    form = form or ('merged' if runtime == 'torch' else 'split')
+    form = form or ('merged' if runtime == 'torch' else 'export')
+    if align is None:
+        from ..models.deploy_onnx import DEFAULT_ALIGN
+        align = DEFAULT_ALIGN if form == 'export' else 1
     if form not in FORMS:
         raise ValueError(f'form: one of {FORMS}, got {form!r}')
     if runtime == 'torch' and form != 'merged':
         raise ValueError("form: PyTorch runs a block's kernel groups merged "
-                         "(eval mode); 'split' is an exported form")
+                         f"(eval mode); {form!r} is an exported form")
     if runtime == 'onnxruntime' and str(device) != 'cpu':
         raise ValueError(f'device: onnxruntime tables are measured on the '
                          f'CPU, got {device!r}')
@@ -216,14 +232,15 @@ def measure_table(backbone, device='cpu', batch=1, input_size=224,
                                           threads, min_run_time)
         return calls[shape]
 
-    def run(module, shape, whole_call=False):
+    def run(module, shape, whole_call=False, parts=None):
         """``module``'s time on ``shape``; without the session call's own
         cost unless ``whole_call`` (the stem: the net pays it once)."""
         x = torch.randn(shape, device=device)
         if runtime == 'torch':
             ms = measure_ms(module.to(device).eval(), x, min_run_time)
         else:
-            ms = measure_ms_ort(deployed(module.eval(), form), x, threads,
+            ms = measure_ms_ort(deployed(module.eval(), form, x, align,
+                                         parts or merge), x, threads,
                                 min_run_time)
             if not whole_call:
                 ms = max(0.0, ms - call_ms(shape))
@@ -267,12 +284,13 @@ def measure_table(backbone, device='cpu', batch=1, input_size=224,
             input_size=size, kernels=kernels, base_ms=base,
             empty_ms=0.0 if block.use_res else base, group_ms=0.0)
         groups = [(k, h) for k, h in block.atom_groups() if h]
-        if form == 'split' and len(groups) > 1 and block.has_expand:
-            # Split, Concat and one more conv per extra group: the block as
-            # it is against the sum of its groups, each measured alone.
-            whole = run(_block_like(block, groups), shape)
+        if form != 'merged' and len(groups) > 1 and block.has_expand:
+            # Split (or parts' expand convs), Concat and one more conv per
+            # extra group: the block with a part per group against the sum
+            # of its groups, each measured alone.
+            whole = run(_block_like(block, groups), shape, parts='split')
             alone = LatencyCost.block_ms(entry, groups, form, align,
-                                         quantum)
+                                         quantum, 'split')
             entry['group_ms'] = max(0.0, (whole - alone) / (len(groups) - 1))
         else:
             tick()
@@ -285,7 +303,7 @@ def measure_table(backbone, device='cpu', batch=1, input_size=224,
     if bar is not None:
         print()
     table = dict(version=TABLE_VERSION, runtime=runtime, form=form,
-                 align=align, quantum=quantum, threads=threads,
+                 merge=merge, align=align, quantum=quantum, threads=threads,
                  device=str(device),
                  batch=batch, input_size=input_size, in_channels=channels,
                  stem_ms=stem_ms, head_ms=head_ms, blocks=entries)
@@ -326,13 +344,16 @@ def padded(net, align):
 def measure_net_ms(table, net, device='cpu', min_run_time=0.2):
     """The whole ``net``'s latency the way ``table`` was measured (its
     runtime, form, threads, batch and group padding)."""
-    net = padded(net, table.get('align', 1))
+    form, align = table.get('form', 'merged'), table.get('align', 1)
+    if form != 'export':  # the export pads by itself
+        net = padded(net, align)
     size = table['input_size']
     x = torch.randn(table.get('batch', 1), net.in_channels, size, size,
                     device=device)
     if table.get('runtime', 'torch') == 'torch':
         return measure_ms(net.to(device).eval(), x, min_run_time)
-    return measure_ms_ort(deployed(net.eval(), table.get('form', 'merged')),
+    return measure_ms_ort(deployed(net.eval(), form, x, align,
+                                   table.get('merge', 'auto')),
                           x, table.get('threads', 1), min_run_time)
 
 
@@ -398,6 +419,9 @@ def check_table(table, where):
         bad('runtime', table.get('runtime'), f'must be one of {RUNTIMES}')
     if table.get('form', 'merged') not in FORMS:
         bad('form', table.get('form'), f'must be one of {FORMS}')
+    if table.get('merge', 'auto') not in ('auto', 'split', 'merged'):
+        bad('merge', table.get('merge'), "must be 'auto', 'split' or "
+            "'merged' (the export's parts)")
     for key, why in (('align', 'the width every kernel group is padded to '
                       'a multiple of'), ('quantum', 'widths that are its '
                                          'multiples run the fast path')):

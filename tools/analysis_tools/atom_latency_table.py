@@ -3,7 +3,7 @@
     python tools/analysis_tools/atom_latency_table.py CONFIG \
         --device cpu --batch 1 --shape 224 --out latency_cpu.json
     # in ONNX Runtime (CPU), each block exported alone as pytorch2onnx.py
-    # exports it, 1 intra-op thread:
+    # exports it (kernel groups in parts padded to 16 channels), 1 thread:
     python tools/analysis_tools/atom_latency_table.py CONFIG \
         --runtime onnxruntime --threads 1 --shape 224 --out latency_ort.json
     # check it: predicted vs measured latency of the zoo nets that fit the
@@ -33,14 +33,21 @@ def parse_args(argv=None):
     parser.add_argument('--threads', type=int, default=None,
                         help='intra-op threads (onnxruntime: default 1; '
                         'torch: default the process\'s)')
-    parser.add_argument('--form', choices=['split', 'merged'], default=None,
-                        help='how a block runs its kernel groups: split (one '
-                        'depthwise conv per group, what pytorch2onnx.py '
-                        'exports; the onnxruntime default) or merged (one '
-                        'padded conv: PyTorch eval mode, deploy_model)')
-    parser.add_argument('--align', type=int, default=1,
-                        help='the deployed net pads every kernel group to a '
-                        'multiple of this width')
+    parser.add_argument('--form', choices=['export', 'split', 'merged'],
+                        default=None,
+                        help='how a block runs its kernel groups: export '
+                        '(what pytorch2onnx.py writes: groups in parts padded '
+                        'to --align; the onnxruntime default), split (one '
+                        'depthwise conv per group, the block traced as built) '
+                        'or merged (one padded conv: PyTorch eval mode, '
+                        'deploy_model; the torch form)')
+    parser.add_argument('--merge', choices=['auto', 'split', 'merged'],
+                        default='auto', help='--form export: the parts '
+                        '(pytorch2onnx.py --deploy-form)')
+    parser.add_argument('--align', type=int, default=None,
+                        help='the deployed net pads every kernel group '
+                        '(export: part) to a multiple of this width (default '
+                        '16 for export, as pytorch2onnx.py; else 1)')
     parser.add_argument('--batch', type=int, default=1)
     parser.add_argument('--shape', type=int, default=None,
                         help='image side (default: the config\'s '
@@ -67,9 +74,9 @@ def parse_args(argv=None):
     if args.runtime == 'onnxruntime' and args.device != 'cpu':
         parser.error('--runtime onnxruntime measures on the CPU (--device '
                      'cpu)')
-    if args.runtime == 'torch' and args.form == 'split':
-        parser.error("--form split is an exported form: PyTorch's eval mode "
-                     'runs the kernel groups merged (use --runtime '
+    if args.runtime == 'torch' and args.form not in (None, 'merged'):
+        parser.error(f"--form {args.form} is an exported form: PyTorch's eval "
+                     'mode runs the kernel groups merged (use --runtime '
                      'onnxruntime)')
     return args
 
@@ -121,7 +128,8 @@ def main(argv=None):
         table = measure_table(backbone, args.device, args.batch, size,
                               args.samples, args.min_run_time,
                               runtime=args.runtime, threads=args.threads,
-                              form=args.form, align=args.align)
+                              form=args.form, align=args.align,
+                              merge=args.merge)
         with open(args.out, 'w') as f:
             json.dump(table, f, indent=1)
         print(f'{args.out}: {len(table["blocks"])} blocks, '
