@@ -207,7 +207,7 @@ def test_search_config_builds(name):
     assert penalty.rho == pytest.approx(rho)
     assert penalty.warmup_epochs == 25 and penalty.warmup_iters is None
     assert shrink.criterion.threshold == 1e-3
-    assert shrink.trigger.min_removed == 1e6
+    assert shrink.trigger.min_removed_flops == 1e6
     assert shrink.cost.input_size == 224
     assert shrink.interval == 1 and shrink.by_epoch
     if name == 'atomnas_target.py':

@@ -64,7 +64,7 @@ def test_missing_arch_keys_take_the_documented_defaults():
                                          r'int, got 0'),
     (AtomShrinkHook, dict(interval=0), r'interval: must be an int >= 1'),
     (AtomShrinkHook, dict(by_epoch='yes'), r"by_epoch: must be a bool"),
-    (AtomShrinkHook, dict(min_removed_flops=-1), r'min_removed: .* got -1'),
+    (AtomShrinkHook, dict(min_removed_flops=-1), r'min_removed_flops: .* got -1'),
     (AtomShrinkHook, dict(threshold=1e-3, criterion=dict(
         type='ThresholdCriterion')), r'threshold: give it or the policy part'),
     (BNL1PenaltyHook, dict(rho='1e-4'), r"rho: must be a finite number"),

@@ -25,7 +25,7 @@ from ..registry import SEARCH
 from .costs import FLOPsCost, LatencyCost, ParamsCost
 from .policy import check_number
 
-COSTS = {'flops': FLOPsCost, 'params': ParamsCost, 'latency_ms': LatencyCost}
+TARGET_KEYS = ('flops', 'params', 'latency_ms')
 
 
 @SEARCH.register_module()
@@ -57,9 +57,9 @@ class BudgetController:
                  lead=0.9, max_scale=100.0, input_size=224,
                  latency_table=None, round_to=1):
         if not isinstance(target, dict) or len(target) != 1 or \
-                next(iter(target)) not in COSTS:
+                next(iter(target)) not in TARGET_KEYS:
             raise ValueError(f'target: expected a dict with one key of '
-                             f'{sorted(COSTS)}, got {target!r}')
+                             f'{sorted(TARGET_KEYS)}, got {target!r}')
         (self.key, value), = target.items()
         self.target = float(check_number(f'target.{self.key}', value, 1e-12))
         self.deadline = check_number('deadline', deadline, 1e-9)

@@ -40,8 +40,10 @@ class ThresholdCriterion:
     def __init__(self, threshold=1e-3):
         self.threshold = check_number('threshold', threshold)
 
-    def strength(self, live, ema=None, final=False):
-        """Per-atom strength: an atom is dead when it is ``<= threshold``.
+    def live_and_ema(self, live, ema=None, final=False):
+        """The per-channel strength that :meth:`dead` judges: during
+        training the larger of the live and the EMA ``|gamma|`` (a channel
+        dies only when dead in both), at the final shrink the EMA's alone.
 
         Args:
             live (Tensor): ``|gamma|`` of the live weights.
@@ -58,19 +60,21 @@ class ThresholdCriterion:
 
 
 @SEARCH.register_module()
-class MinCostTrigger:
-    """Shrink when the dead atoms weigh at least ``min_removed`` (in the
-    units of the cost model), and always at the final shrink.
+class MinFLOPsTrigger:
+    """Shrink when the dead channels weigh at least ``min_removed_flops``
+    multiply-adds (whatever the search's cost model), and always at the
+    final shrink.
 
     Args:
-        min_removed (float): Minimum removed cost.
+        min_removed_flops (float): Minimum removed FLOPs.
     """
 
-    def __init__(self, min_removed=1e6):
-        self.min_removed = check_number('min_removed', min_removed)
+    def __init__(self, min_removed_flops=1e6):
+        self.min_removed_flops = check_number('min_removed_flops',
+                                              min_removed_flops)
 
-    def __call__(self, removed_cost, final=False):
-        return final or removed_cost >= self.min_removed
+    def __call__(self, removed_flops, final=False):
+        return final or removed_flops >= self.min_removed_flops
 
 
 @SEARCH.register_module()

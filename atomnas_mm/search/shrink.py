@@ -58,7 +58,7 @@ def atom_strengths(model, criterion=1e-3, ema_model=None, final=False,
         live = unit.gammas().detach().abs()
         ema = ema_units[name].gammas().detach().abs().to(live.device) \
             if name in ema_units else None
-        out[name] = criterion.strength(live, ema, final and ema is not None)
+        out[name] = criterion.live_and_ema(live, ema, final and ema is not None)
     return out
 
 

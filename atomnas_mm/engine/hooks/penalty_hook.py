@@ -11,6 +11,7 @@ from ...search.penalty import (bn_l1_penalty, proximal_l1_step,
 from ...search.shrink import atom_costs, find_backbones
 from ...search.units import AtomUnit, require_units
 from ...search.policy import LinearRampSchedule, build_part, check_number
+from .shrink_hook import AtomShrinkHook
 
 
 @HOOKS.register_module()
@@ -96,7 +97,7 @@ class BNL1PenaltyHook(Hook):
             raise ValueError(f"channel_weights: 'uniform' or 'cost', got "
                              f'{channel_weights!r}')
         self.channel_weights_by = channel_weights
-        self._proximal = bool(proximal)
+        self.proximal_step = bool(proximal)  # decided in before_train
         self._wrapped = None
         self._step_hook = None
         self.unit_weights = None
@@ -112,7 +113,7 @@ class BNL1PenaltyHook(Hook):
             else runner.model
         narrowed = any(m.__dict__.get('load_remap')
                        for m in model.modules())
-        if narrowed and not any(type(h).__name__ == 'AtomShrinkHook'
+        if narrowed and not any(isinstance(h, AtomShrinkHook)
                                 for h in runner.hooks):
             raise ValueError(
                 'BNL1PenaltyHook: the model narrowed itself to the loaded '
@@ -124,8 +125,8 @@ class BNL1PenaltyHook(Hook):
             if self.rho != 0 else {}
         self.units = units  # modules stay: valid across shrinks
         controller = self._controller(runner)
-        self._proximal = controller is not None if self.proximal is None \
-            else self.proximal
+        self.proximal_step = controller is not None \
+            if self.proximal is None else self.proximal
         cost = self.cost or getattr(controller, 'cost', None)
         if cost is not None and runner.iter == 0:  # resumed: weights loaded
             for backbone in find_backbones(model).values():
@@ -145,7 +146,7 @@ class BNL1PenaltyHook(Hook):
 
         optim_wrapper.update_params = update_params
         self._wrapped = (optim_wrapper, own)
-        if self._proximal and self.rho != 0:
+        if self.proximal_step and self.rho != 0:
             stepped = [None]
 
             def after_step(optimizer, args, kwargs):
@@ -211,7 +212,8 @@ class BNL1PenaltyHook(Hook):
     def _controller(runner):
         """The budget controller of an AtomShrinkHook, or None."""
         return next((h.controller for h in getattr(runner, 'hooks', ())
-                     if getattr(h, 'controller', None) is not None), None)
+                     if isinstance(h, AtomShrinkHook)
+                     and h.controller is not None), None)
 
     def extra_loss(self, runner):
         """The terms to add to the loss at the current iteration; logs them.
@@ -223,7 +225,7 @@ class BNL1PenaltyHook(Hook):
         rho = self.schedule_of(runner)(runner.iter)
         scalars = dict(penalty_rho=rho)
         loss = 0.0
-        if self.rho != 0 and self._proximal:  # applied after the step
+        if self.rho != 0 and self.proximal_step:  # applied after the step
             with torch.no_grad():
                 penalty = bn_l1_penalty(runner.model, self.unit_weights,
                                         self.units)

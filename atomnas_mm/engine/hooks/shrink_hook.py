@@ -13,7 +13,7 @@ from mmengine.runner import EpochBasedTrainLoop
 from ...registry import HOOKS
 from ...search.budget import BudgetController
 from ...search.costs import FLOPsCost, ParamsCost
-from ...search.policy import (MinCostTrigger, ThresholdCriterion, build_part,
+from ...search.policy import (MinFLOPsTrigger, ThresholdCriterion, build_part,
                               check_number)
 from ...search.shrink import (apply_plan, atom_strengths, backbone_cost,
                               channel_widths, check_optimizer, check_plan,
@@ -115,7 +115,7 @@ class AtomShrinkHook(Hook):
             criterion, ThresholdCriterion(
                 1e-3 if threshold is None else threshold), 'criterion')
         self.trigger = build_part(
-            trigger, MinCostTrigger(
+            trigger, MinFLOPsTrigger(
                 1e6 if min_removed_flops is None else min_removed_flops),
             'trigger')
         self.round_to = check_number('round_to', round_to, 1, integer=True)
@@ -203,7 +203,7 @@ class AtomShrinkHook(Hook):
                                    final=last and self.final_shrink)
 
     # -- the work -------------------------------------------------------------
-    def decide(self, runner, final=False):
+    def plan_and_steer(self, runner, final=False):
         """The shrink plan, its cost and whether it lands the net on the
         budget; decided on rank 0, broadcast (with the budget controller's
         new penalty scale)."""
@@ -285,7 +285,7 @@ class AtomShrinkHook(Hook):
         Returns:
             dict: The applied plan (empty when nothing was removed).
         """
-        plan, cost, lands = self.decide(runner, final)
+        plan, cost, lands = self.plan_and_steer(runner, final)
         if plan and (lands or self.trigger(
                 removed_cost(self._model(runner), plan, self.flops), final)):
             self._shrink(runner, plan, epoch, iteration, cost)
