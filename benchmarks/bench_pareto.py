@@ -384,7 +384,7 @@ def uptime():
 def run_latency(args, tmp):
     """Measure a table, search at a latency target, measure the result."""
     from atomnas_mm.search.costs import LatencyCost
-    from atomnas_mm.search.latency import measure_net_ms
+    from atomnas_mm.search.latency import measure_net_ms, one_atom_ms
     from atomnas_mm.search.shrink import width_cost_of
     tool = osp.join(ROOT, 'tools/analysis_tools/atom_latency_table.py')
     table = args.latency_table or osp.join(tmp, 'latency_cpu.json')
@@ -409,10 +409,13 @@ def run_latency(args, tmp):
     target = args.latency_fraction * high
     print(f'predicted supernet {high:.3f} ms; reachable by the search '
           f'[{low:.3f}, {high:.3f}] ms (table)')
-    if not low <= target <= high:
+    kept = one_atom_ms(cost, supernet)
+    print(f'every block kept at one atom: {kept:.3f} ms (below it only '
+          'emptying whole residual blocks, steps the budget cannot land on)')
+    if not kept <= target <= high:
         print(f'{args.latency_fraction} x supernet = {target:.3f} ms is not '
-              'reachable: the target is the middle of the range instead')
-        target = (low + high) / 2
+              f'in [{kept:.3f}, {high:.3f}]: the target is its middle instead')
+        target = (kept + high) / 2
     cfg = search_cfg(args, osp.join(tmp, 'search_latency'), args.seeds[0],
                      dict(latency_ms=target), latency_table=table)
     result, backbone = train(cfg)

@@ -34,6 +34,10 @@ def test_ort_table_round_trip_on_a_tiny_net(measured):
             table['quantum'], table['align']) == ('onnxruntime', 'split', 1,
                                                   4, 1)
     assert table['call_ms'] > 0
+    # calibrated: the table predicts the supernet as measured whole
+    assert table['scale'] > 0
+    assert LatencyCost(table).total(net) == pytest.approx(
+        table['supernet_ms'])
     block = net.blocks()[1]
     entry = table['blocks'][1]
     assert entry['kernels'].keys() == {str(k) for k, _ in
@@ -78,7 +82,7 @@ def test_export_form_times_what_pytorch2onnx_writes():
     table = measure_table(net, input_size=32, samples=1, min_run_time=0.005,
                           progress=False, runtime='onnxruntime')
     assert (table['form'], table['merge'], table['align']) == (
-        'export', 'auto', 16)
+        'export', 'merged', 16)
     cost = LatencyCost(table)
     for entry, block, size in zip(cost.table['blocks'], net.blocks(),
                                   net.block_input_sizes(32)):
@@ -162,6 +166,8 @@ def test_bad_ort_tables_and_options_are_refused(measured, tmp_path):
                                 ('quantum', 0, 'quantum')):
         with pytest.raises(ValueError, match=f'{match} = '):
             LatencyCost(dict(table, **{field: value}))
+    with pytest.raises(ValueError, match='measured with se_channels=0'):
+        LatencyCost(table).total(AtomNAS(arch=dict(SUPERNET, se_ratio=0.25)))
     bad = json.loads(json.dumps(table))
     bad['blocks'][1]['kernels']['3']['off_ms'][0] = float('nan')
     with pytest.raises(ValueError, match=r"blocks\[1\]\.kernels\['3'\]"
@@ -198,7 +204,7 @@ def test_tool_measures_in_onnxruntime(tmp_path):
     table = json.loads(out.read_text())
     assert table['runtime'] == 'onnxruntime' and table['input_size'] == 28
     assert (table['form'], table['merge'], table['align']) == (
-        'export', 'auto', 16)
+        'export', 'merged', 16)
     run = subprocess.run(
         [sys.executable, TOOL, osp.join(ROOT, 'configs/demo/'
                                         'atomnas_fashion_mnist.py'),

@@ -22,7 +22,7 @@ additions are free.
 import torch
 import torch.nn as nn
 
-from ..models.cost import count_flops_params
+from ..models.flops_count import count_flops_params
 from ..registry import SEARCH
 from .units import AtomUnit, SearchRefused
 
@@ -216,9 +216,10 @@ class LatencyCost:
     * ``export`` (what ``pytorch2onnx.py`` writes,
       :func:`~atomnas_mm.models.deploy_onnx.onnx_model`): the groups gathered
       into parts (the export's own :func:`choose_parts` with the table's
-      ``merge``), each part its own expand and depthwise conv padded to a
-      multiple of ``align``; costed like ``split`` with parts for groups (a
-      part's curve: its largest kernel at its padded width).
+      ``merge``; ``merged``, its default: one part), each part its own
+      expand and depthwise conv padded to a multiple of ``align``; costed
+      like ``split`` with parts for groups (a part's curve: its largest
+      kernel at its padded width).
 
     With ``align`` > 1 the deployed form pads every group to a multiple of
     it: widths are rounded up first. Curves are interpolated linearly between
@@ -261,7 +262,7 @@ class LatencyCost:
         self.form = table.get('form', 'merged')
         self.align = table.get('align', 1)
         self.quantum = table.get('quantum', 1)
-        self.merge = table.get('merge', 'auto')
+        self.merge = table.get('merge', 'merged')
 
     def _entries(self, backbone):
         entries = self.table['blocks']
@@ -277,6 +278,12 @@ class LatencyCost:
                                  f'out, stride) {tuple(entry["geometry"])}, '
                                  f'the backbone has {geometry} (in '
                                  f'{self.source})')
+            se = block.se_channels or 0
+            if 'se_channels' in entry and bool(entry['se_channels']) != \
+                    bool(se):
+                raise ValueError(f'table: block {i} was measured with '
+                                 f'se_channels={entry["se_channels"]}, the '
+                                 f'backbone has {se} (in {self.source})')
         return zip(entries, blocks)
 
     @staticmethod
@@ -299,7 +306,7 @@ class LatencyCost:
 
     @classmethod
     def block_ms(cls, entry, groups, form='merged', align=1, quantum=1,
-                 merge='auto'):
+                 merge='merged'):
         """Predicted latency of a block with ``[(kernel, width), ...]``
         run in ``form``, its groups (``export``: parts) padded to multiples
         of ``align``."""
@@ -373,7 +380,7 @@ class _GroupsView:
                    for i, (k, h) in enumerate(groups)}
 
 
-def export_parts(entry, groups, align, merge='auto'):
+def export_parts(entry, groups, align, merge='merged'):
     """``[(kernel, width), ...]`` of the parts the ONNX export makes of a
     block with these kernel groups: the export's own choice
     (:func:`~atomnas_mm.models.deploy_onnx.choose_parts` at the block's
@@ -538,11 +545,13 @@ def width_cost(model, cost, units, total):
                     entry[3] = isinstance(layer, nn.Conv2d) and \
                         layer.groups > 1 and \
                         layer.groups == layer.in_channels
+            readers = {id(layer) for layer, _ in unit.consumers}
             for layer, _ in unit.consumers:
-                layers.setdefault(id(layer), [layer, None, None, False])[1] \
-                    = name
+                if id(layer) in inside:  # a reader outside is not counted
+                    layers.setdefault(id(layer),
+                                      [layer, None, None, False])[1] = name
             for layer in unit.modules():
-                if id(layer) not in inside:
+                if id(layer) not in inside and id(layer) not in readers:
                     raise SearchRefused(
                         f'{name}: a layer of this unit is outside the '
                         f'counted module {type(root).__name__}')

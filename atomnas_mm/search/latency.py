@@ -9,8 +9,9 @@ kernel sizes at a few widths and timed, stem and head too.
   with ``torch.utils.benchmark``.
 * ``runtime='onnxruntime'``: each part exported alone with torch's ONNX
   exporter in the form deployed (``form='export'``: what
-  ``tools/deployment/pytorch2onnx.py`` writes, kernel groups gathered into
-  parts padded to ``align`` channels; ``'split'``: the block traced as
+  ``tools/deployment/pytorch2onnx.py`` writes, a block's kernel groups in
+  one depthwise conv, or in parts with ``merge``, padded to ``align``
+  channels; ``'split'``: the block traced as
   built, a depthwise conv per kernel group between a Split and a Concat;
   ``'merged'``: the :func:`deploy_model` form) and
   timed in an ONNX Runtime CPU session (graph optimisation ALL, a fixed
@@ -58,7 +59,8 @@ def onnx_bytes(module, x, opset=17):
 
 def ort_session(model, threads=1):
     """An ONNX Runtime CPU session of ``model`` (bytes or a path): graph
-    optimisation ALL, ``threads`` intra-op threads, sequential."""
+    optimisation ALL, ``threads`` intra-op threads, sequential, denormals as
+    zero, idle threads not spinning."""
     import onnxruntime
     options = onnxruntime.SessionOptions()
     options.graph_optimization_level = \
@@ -66,6 +68,9 @@ def ort_session(model, threads=1):
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
+    # as bench_deploy.py times deployed nets
+    options.add_session_config_entry('session.set_denormal_as_zero', '1')
+    options.add_session_config_entry('session.intra_op.allow_spinning', '0')
     return onnxruntime.InferenceSession(
         model, options, providers=['CPUExecutionProvider'])
 
@@ -98,7 +103,7 @@ def measure_ms_ort(module, x, threads=1, min_run_time=0.1):
                         min_run_time)
 
 
-def deployed(module, form, x=None, align=1, merge='auto'):
+def deployed(module, form, x=None, align=1, merge='merged'):
     """The form of ``module`` a runtime runs on input ``x``: ``'merged'``:
     the :func:`~atomnas_mm.models.deploy.deploy_model` copy (BN folded,
     kernel groups in one padded depthwise conv); ``'split'``: as it is;
@@ -148,7 +153,7 @@ def off_widths(widths, align, quantum):
 def measure_table(backbone, device='cpu', batch=1, input_size=224,
                   samples=4, min_run_time=0.1, progress=True,
                   runtime='torch', threads=None, form=None, align=None,
-                  quantum=None, merge='auto'):
+                  quantum=None, merge='merged', calibrate=True):
     """Measure the latency table of ``backbone`` on ``device``.
 
     Args:
@@ -179,8 +184,13 @@ def measure_table(backbone, device='cpu', batch=1, input_size=224,
             multiples of 4 (default 4 for ``onnxruntime``, 1 for ``torch``).
             With ``quantum`` > 1 every curve has a second one (``off_widths``,
             ``off_ms``) for the other widths.
-        merge (str): The export's choice of parts (``'auto'``, ``'split'``,
-            ``'merged'``; ``export`` only).
+        merge (str): The export's parts (``'merged'``: one per block, what
+            ``pytorch2onnx.py`` writes by default; ``'auto'``, ``'split'``:
+            its ``--deploy-form``; ``export`` only).
+        calibrate (bool): Scale every latency of the table by one factor so
+            that it predicts ``backbone`` as measured whole (the median of 3):
+            parts timed alone miss what the whole graph adds or saves
+            (caches, layout changes between parts; docs/benchmarks.md).
 
     Returns:
         dict: The table (JSON-serialisable).
@@ -260,10 +270,12 @@ def measure_table(backbone, device='cpu', batch=1, input_size=224,
             if not block.has_expand:
                 widths = [h]  # fixed width (no expand conv)
             else:
-                # merged: the block runs as one group of its largest kernel
-                # at its total width (LatencyCost); split: each group alone
-                widths = sample_widths(total if form == 'merged' else h,
-                                       samples, step)
+                # merged (and export parts): up to the block's total width,
+                # one group of its largest kernel (LatencyCost); split: each
+                # group alone
+                alone = form == 'split' or (form == 'export' and
+                                            merge == 'split')
+                widths = sample_widths(h if alone else total, samples, step)
             ms = [run(_block_like(block, [(k, w)]), shape) for w in widths]
             kernels[str(k)] = dict(widths=widths, ms=ms)
             off = off_widths(widths, align, quantum) if block.has_expand \
@@ -282,7 +294,8 @@ def measure_table(backbone, device='cpu', batch=1, input_size=224,
             index=i, geometry=[block.in_channels, block.out_channels,
                                block.stride],
             input_size=size, kernels=kernels, base_ms=base,
-            empty_ms=0.0 if block.use_res else base, group_ms=0.0)
+            empty_ms=0.0 if block.use_res else base, group_ms=0.0,
+            se_channels=block.se_channels or 0)
         groups = [(k, h) for k, h in block.atom_groups() if h]
         if form != 'merged' and len(groups) > 1 and block.has_expand:
             # Split (or parts' expand convs), Concat and one more conv per
@@ -311,7 +324,45 @@ def measure_table(backbone, device='cpu', batch=1, input_size=224,
         import onnxruntime
         table.update(onnxruntime=onnxruntime.__version__,
                      call_ms=call_ms(net_shape))
+    if calibrate:
+        predicted = LatencyCost(table).total(backbone)
+        whole = statistics.median(
+            measure_net_ms(table, backbone, device, min_run_time)
+            for _ in range(3))
+        table = scaled(table, whole / predicted)
+        table.update(supernet_ms=whole, scale=whole / predicted)
     return table
+
+
+def scaled(table, factor):
+    """A copy of ``table`` with every latency multiplied by ``factor``."""
+    table = copy.deepcopy(table)
+    for key in ('stem_ms', 'head_ms'):
+        table[key] *= factor
+    for entry in table['blocks']:
+        for key in ('base_ms', 'empty_ms', 'group_ms'):
+            if key in entry:
+                entry[key] *= factor
+        for curve in entry['kernels'].values():
+            for key in ('ms', 'off_ms'):
+                if key in curve:
+                    curve[key] = [ms * factor for ms in curve[key]]
+    return table
+
+
+def one_atom_ms(cost, backbone):
+    """The predicted latency of ``backbone`` with every searchable block
+    kept at one atom of its cheapest kernel: below it a target is reached
+    only by emptying residual blocks, each a step of a whole block's cost
+    (at small inputs most of it fixed), which the budget cannot land on."""
+    total = cost.table['stem_ms'] + cost.table['head_ms']
+    for entry, block in cost._entries(backbone):
+        groups = block.atom_groups()
+        if block.searchable:
+            total += min(cost._block_ms(entry, [(k, 1)]) for k, _ in groups)
+        else:
+            total += cost._block_ms(entry, groups)
+    return total
 
 
 def random_subnet(backbone, seed=0):
@@ -353,23 +404,27 @@ def measure_net_ms(table, net, device='cpu', min_run_time=0.2):
     if table.get('runtime', 'torch') == 'torch':
         return measure_ms(net.to(device).eval(), x, min_run_time)
     return measure_ms_ort(deployed(net.eval(), form, x, align,
-                                   table.get('merge', 'auto')),
+                                   table.get('merge', 'merged')),
                           x, table.get('threads', 1), min_run_time)
 
 
-def compare(table, backbones, device='cpu', batch=None, min_run_time=0.2):
+def compare(table, backbones, device='cpu', batch=None, min_run_time=0.2,
+            repeats=3):
     """``[(name, predicted ms, measured ms)]`` for named backbones, each
-    measured whole in the table's runtime (``batch``: the table's)."""
+    measured whole in the table's runtime (``batch``: the table's), the
+    median of ``repeats`` measurements taken in turns (a shared machine's
+    load moves in seconds)."""
     cost = LatencyCost(table)
     if batch is not None and batch != cost.table.get('batch', 1):
         raise ValueError(f'batch: {batch}, the table was measured at batch '
                          f'{cost.table.get("batch", 1)}')
-    rows = []
-    for name, net in backbones.items():
-        predicted = cost.total(net)
-        measured = measure_net_ms(cost.table, net, device, min_run_time)
-        rows.append((name, predicted, measured))
-    return rows
+    times = {name: [] for name in backbones}
+    for _ in range(repeats):
+        for name, net in backbones.items():
+            times[name].append(measure_net_ms(cost.table, net, device,
+                                              min_run_time))
+    return [(name, cost.total(net), statistics.median(times[name]))
+            for name, net in backbones.items()]
 
 
 MAX_MS = 1e6  # 1000 s: no block takes that long; a table is in ms
@@ -413,13 +468,14 @@ def check_table(table, where):
 
     check_ms('stem_ms', table.get('stem_ms'))
     check_ms('head_ms', table.get('head_ms'))
-    if 'call_ms' in table:
-        check_ms('call_ms', table['call_ms'])
+    for key in ('call_ms', 'supernet_ms', 'scale'):
+        if key in table:
+            check_ms(key, table[key])
     if table.get('runtime', 'torch') not in RUNTIMES:
         bad('runtime', table.get('runtime'), f'must be one of {RUNTIMES}')
     if table.get('form', 'merged') not in FORMS:
         bad('form', table.get('form'), f'must be one of {FORMS}')
-    if table.get('merge', 'auto') not in ('auto', 'split', 'merged'):
+    if table.get('merge', 'merged') not in ('auto', 'split', 'merged'):
         bad('merge', table.get('merge'), "must be 'auto', 'split' or "
             "'merged' (the export's parts)")
     for key, why in (('align', 'the width every kernel group is padded to '

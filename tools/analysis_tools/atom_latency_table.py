@@ -3,7 +3,7 @@
     python tools/analysis_tools/atom_latency_table.py CONFIG \
         --device cpu --batch 1 --shape 224 --out latency_cpu.json
     # in ONNX Runtime (CPU), each block exported alone as pytorch2onnx.py
-    # exports it (kernel groups in parts padded to 16 channels), 1 thread:
+    # exports it (kernel groups in one conv padded to 16 channels), 1 thread:
     python tools/analysis_tools/atom_latency_table.py CONFIG \
         --runtime onnxruntime --threads 1 --shape 224 --out latency_ort.json
     # check it: predicted vs measured latency of the zoo nets that fit the
@@ -36,14 +36,15 @@ def parse_args(argv=None):
     parser.add_argument('--form', choices=['export', 'split', 'merged'],
                         default=None,
                         help='how a block runs its kernel groups: export '
-                        '(what pytorch2onnx.py writes: groups in parts padded '
-                        'to --align; the onnxruntime default), split (one '
+                        '(what pytorch2onnx.py writes, padded to --align; the '
+                        'onnxruntime default), split (one '
                         'depthwise conv per group, the block traced as built) '
                         'or merged (one padded conv: PyTorch eval mode, '
                         'deploy_model; the torch form)')
-    parser.add_argument('--merge', choices=['auto', 'split', 'merged'],
-                        default='auto', help='--form export: the parts '
-                        '(pytorch2onnx.py --deploy-form)')
+    parser.add_argument('--merge', choices=['merged', 'auto', 'split'],
+                        default='merged', help='--form export: the parts, as '
+                        'pytorch2onnx.py --deploy-form (default merged, its '
+                        'default: one depthwise conv per block)')
     parser.add_argument('--align', type=int, default=None,
                         help='the deployed net pads every kernel group '
                         '(export: part) to a multiple of this width (default '
@@ -57,6 +58,10 @@ def parse_args(argv=None):
                         'width')
     parser.add_argument('--min-run-time', type=float, default=0.1,
                         help='seconds of timing per measurement')
+    parser.add_argument('--no-calibrate', action='store_true',
+                        help='keep the parts\' times as measured (default: '
+                        'one factor makes the table predict the supernet as '
+                        'measured whole)')
     parser.add_argument('--out', help='where to write the table (JSON)')
     parser.add_argument('--table', help='an existing table (skip measuring)')
     parser.add_argument('--predict', action='store_true',
@@ -129,14 +134,18 @@ def main(argv=None):
                               args.samples, args.min_run_time,
                               runtime=args.runtime, threads=args.threads,
                               form=args.form, align=args.align,
-                              merge=args.merge)
+                              merge=args.merge,
+                              calibrate=not args.no_calibrate)
         with open(args.out, 'w') as f:
             json.dump(table, f, indent=1)
         print(f'{args.out}: {len(table["blocks"])} blocks, '
               f'{table["runtime"]} ({table["form"]} kernel groups, align '
               f'{table["align"]}, {table["threads"]} threads), device '
               f'{table["device"]}, batch {table["batch"]}, '
-              f'{table["input_size"]} px')
+              f'{table["input_size"]} px' + (
+                  f'; parts scaled by {table["scale"]:.3f} to the supernet '
+                  f'measured whole ({table["supernet_ms"]:.3f} ms)'
+                  if 'scale' in table else ''))
     if args.predict:
         nets = {'supernet (this config)': backbone}
         for name, arch in ARCHS.items():
