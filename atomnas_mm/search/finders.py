@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from ..models.blocks import AtomicBlock
 from ..registry import SEARCH
 from .units import AtomUnit, ChannelUnit
+from .tracing import TracingFinder
 
 
 def _bn(module):
@@ -190,6 +191,7 @@ class ResNetFinder:
 
 
 #: Finders tried on every model, in this order (a module claimed by one is
-#: not offered to the next).
+#: not offered to the next). The tracing finder comes last and searches
+#: only models in which the others claimed nothing.
 DEFAULT_FINDERS = (AtomNASFinder(), MobileNetV2Finder(),
-                   InvertedResidualFinder(), ResNetFinder())
+                   InvertedResidualFinder(), ResNetFinder(), TracingFinder())
