@@ -39,12 +39,49 @@ def randomised(model, seed=0):
 
 
 def kill_every_other(units):
+    """Zero the even channels' scales in every gate of every unit (a
+    residual stream's in all its writers); the plan removing them."""
     plan = {}
     for name, unit in units.items():
         with torch.no_grad():
-            unit.gate.weight[::2] = 0
+            for gamma, start in unit.gamma_slices():
+                gamma[start % 2::2] = 0
         plan[name] = torch.arange(1, unit.num_channels, 2)
     return plan
+
+
+def calibrated(model, seed=0):
+    """Random BN scales and shifts, running statistics from a few batches:
+    the eval output depends on the input through the whole net (random
+    running statistics saturate MobileNetV2's ReLU6 layers)."""
+    gen = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            with torch.no_grad():
+                m.weight.copy_(torch.rand(m.weight.shape, generator=gen) + .5)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=gen) * .3)
+            m.reset_running_stats()
+            m.momentum = None
+    model.train()
+    with torch.no_grad():
+        for _ in range(2):
+            model(torch.randn(8, 3, 32, 32, generator=gen), mode='tensor')
+        model.head.fc.weight.normal_(generator=gen)
+        model.head.fc.bias.normal_(generator=gen)
+    return model.eval()
+
+
+def mbv2_classifier(widen_factor=0.5, **backbone):
+    """A MobileNetV2 classifier (GAP, LinearClsHead), the same weights on
+    every call."""
+    from mmpretrain.models import ImageClassifier
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return ImageClassifier(
+            backbone=dict(type='MobileNetV2', widen_factor=widen_factor,
+                          **backbone),
+            neck=dict(type='GlobalAveragePooling'),
+            head=dict(type='LinearClsHead', num_classes=3, in_channels=1280))
 
 
 STOCK = {
@@ -59,9 +96,12 @@ STOCK = {
 def test_finders_name_units_by_their_gate_and_skip_what_they_cannot_prove():
     skipped = []
     units = find_units(MobileNetV2(widen_factor=0.5), skipped=skipped)
-    assert len(units) == 16 and list(units)[0] == 'layer2.0.conv.1.bn'
-    assert skipped == [('layer1.0', 'no expansion conv: its hidden channels '
-                        'are the block input, not searched')]
+    # 16 expanding blocks' hidden channels, the stem, 7 residual streams
+    assert len(units) == 24 and list(units)[:3] == [
+        'layer1.0.conv.0.bn', 'layer1.0.conv.1.bn', 'layer2.0.conv.1.bn']
+    assert skipped == [('conv2', "the last conv's outputs leave the backbone "
+                        'to a reader other than global average pooling and '
+                        'a LinearClsHead: not searched')]
     units = find_units(ResNet(50, base_channels=16, frozen_stages=1))
     assert list(units)[:2] == ['layer2.0.bn1', 'layer2.0.bn2']
     assert len(units) == 2 * (4 + 6 + 3)  # layer1 frozen, bn3 never
@@ -155,7 +195,7 @@ def test_penalty_and_proximal_step_over_units():
     model = STOCK['mobilenet-v2']()
     units = find_units(model)
     weights = {name: float(i + 1) for i, name in enumerate(units)}
-    expected = sum(weights[n] * u.gate.weight.abs().sum()
+    expected = sum(weights[n] * u.gammas().abs().sum()
                    for n, u in units.items())
     assert torch.allclose(bn_l1_penalty(model, weights), expected)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
@@ -167,6 +207,14 @@ def test_penalty_and_proximal_step_over_units():
         assert sorted(values) == [shrunk] * (len(values) - 1) + [1.0]
     other = model.conv1.bn.weight  # not a unit's gate: untouched
     assert torch.all(other == 1)
+    # a residual stream: every writer's scales shrink, the same channel stays
+    stream = units['layer3.0.conv.2.bn']
+    shrunk = max(0.0, 1 - 0.5 * weights['layer3.0.conv.2.bn'])
+    kept = {int(torch.argmax(gate.weight)) for gate in stream.gates}
+    assert len(stream.gates) == 3 and len(kept) == 1
+    for gate in stream.gates:
+        assert sorted(gate.weight.tolist()) == \
+            [shrunk] * (stream.num_channels - 1) + [1.0]
 
 
 def test_shrink_model_and_reloading_by_widths():
@@ -201,7 +249,7 @@ def test_a_cost_without_layer_costs_is_refused_for_channel_units():
             return 1.0
 
     with pytest.raises(SearchRefused, match=r'TableCost: costs AtomNAS '
-                       r'blocks only; layer2.0.conv.1.bn and the other'):
+                       r'blocks only; layer1.0.conv.0.bn and the other'):
         width_cost_of(STOCK['mobilenet-v2'](), TableCost())
 
 
@@ -230,3 +278,105 @@ def test_get_model_narrows_a_stock_model_to_a_searched_checkpoint(tmp_path):
     loaded.eval()
     x = torch.randn(2, 3, 32, 32)
     assert torch.equal(loaded(x), model(x))
+
+
+def test_mobilenet_v2_classifier_units_and_refusals():
+    """In a classifier (GAP + LinearClsHead) the last conv is a unit read by
+    the fc; streams read at several points say how many writers each reader
+    sums; a stream that leaves the backbone (a neck reads a stage: FPN) or
+    a frozen stem is named, not searched."""
+    units = find_units(mbv2_classifier())
+    residual = {n: u for n, u in units.items() if u.kind == 'residual'}
+    assert list(residual) == [
+        'backbone.layer1.0.conv.1.bn', 'backbone.layer2.0.conv.2.bn',
+        'backbone.layer3.0.conv.2.bn', 'backbone.layer4.0.conv.2.bn',
+        'backbone.layer5.0.conv.2.bn', 'backbone.layer6.0.conv.2.bn',
+        'backbone.layer7.0.conv.2.bn']
+    assert [len(u.gates) for u in residual.values()] == [1, 2, 3, 4, 3, 3, 1]
+    # layer3's stream: read by blocks 1 and 2, then by layer4.0
+    assert residual['backbone.layer3.0.conv.2.bn'].reads == [1, 2, 3]
+    last = units['backbone.conv2.bn']
+    assert last.consumers == [(last.consumers[0][0], 'bias')] and \
+        isinstance(last.consumers[0][0], nn.Linear)
+    assert len(units) == 16 + 1 + 7 + 1
+    skipped = []
+    backbone = MobileNetV2(widen_factor=0.5, out_indices=(2, 7),
+                           frozen_stages=0)
+    backbone.train()  # freezes
+    units = find_units(backbone, skipped=skipped)
+    assert ('layer3.0', 'its stream is an output of the backbone '
+            '(out_indices 2): not searched') in skipped
+    assert ('layer1.0.conv.0.bn', 'frozen (requires_grad=False): not '
+            'searched') in skipped
+    assert 'layer3.0.conv.2.bn' not in units and \
+        'layer4.0.conv.2.bn' in units
+
+
+def test_removing_dead_stream_stem_and_last_conv_channels_is_exact():
+    """Channels dead in every writer of a stream (and in the stem's and the
+    last conv's gates) are removed with the classifier's eval logits
+    unchanged; a channel alive in one writer is not dead: removing it
+    changes them (the joint gate is needed)."""
+    model = calibrated(mbv2_classifier())
+    units = find_units(model)
+    plan = kill_every_other(units)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = model(x, mode='tensor')
+        assert all(units[n].error_bound(k) == 0 for n, k in plan.items())
+        apply_plan(model, plan)
+        after = model(x, mode='tensor')
+    assert (before[0] - before[1]).abs().max() > 0.1  # input-dependent
+    assert torch.allclose(before, after, rtol=1e-5, atol=1e-4), \
+        (before - after).abs().max()
+    assert model.head.fc.in_features == 640 and \
+        model.backbone.layer3[1].conv[0].conv.in_channels == 8
+
+    model = calibrated(mbv2_classifier())
+    stream = find_units(model)['backbone.layer3.0.conv.2.bn']
+    with torch.no_grad():
+        stream.gates[0].weight[0] = 0  # dead in the first writer only
+        before = model(x, mode='tensor')
+        stream.remove(torch.arange(1, stream.num_channels))
+        assert (model(x, mode='tensor') - before).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize('combine', ['max', 'sum', 'l2'])
+def test_a_stream_channel_is_as_strong_as_its_writers_combined(combine):
+    from atomnas_mm.search.finders import MobileNetV2StreamFinder
+    model = MobileNetV2(widen_factor=0.5)
+    finder = [MobileNetV2StreamFinder(stem=False, last_conv=False,
+                                      combine=combine)]
+    stream = find_units(model, finder)['layer3.0.conv.2.bn']
+    with torch.no_grad():
+        for i, gate in enumerate(stream.gates):
+            gate.weight.fill_(0)
+            gate.weight[i] = -(i + 1.0)  # channel i alive in writer i only
+    strength = stream.gammas()
+    expected = {'max': [1., 2., 3.], 'sum': [1., 2., 3.],
+                'l2': [1., 2., 3.]}[combine]
+    assert strength[:3].tolist() == expected and not strength[3:].any()
+    with torch.no_grad():
+        for gate in stream.gates:
+            gate.weight[3] = 2.0
+    assert float(stream.gammas()[3].detach()) == pytest.approx({
+        'max': 2.0, 'sum': 6.0, 'l2': 12 ** .5}[combine])
+    with pytest.raises(ValueError, match="combine: one of"):
+        MobileNetV2StreamFinder(combine='mean')
+
+
+def test_width_cost_of_a_classifier_counts_the_backbone_only():
+    """The last conv's reader (the head's fc) is outside the counted
+    backbone: not costed, not refused; the prediction matches a count."""
+    model = mbv2_classifier()
+    cost = FLOPsCost(32)
+    widths = width_cost_of(model, cost)
+    assert widths.total == backbone_cost(model, cost)
+    plan = {}
+    for name, unit in widths.units.items():
+        keep = max(1, unit.num_channels // 3)
+        widths.remove(name, 0, unit.num_channels - keep)
+        plan[name] = torch.arange(keep)
+    apply_plan(model, plan)
+    assert backbone_cost(model, cost) == widths.total
+    assert widths.smallest() < 0.01 * backbone_cost(mbv2_classifier(), cost)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from ..models.blocks import AtomicBlock
 from ..registry import SEARCH
-from .units import AtomUnit, ChannelUnit
+from .units import AtomUnit, ChannelUnit, ResidualUnit
 from .tracing import TracingFinder
 
 
@@ -82,6 +82,192 @@ class MobileNetV2Finder:
                 producers=[expand.conv, expand.norm, dw.conv, dw.norm],
                 consumers=[(project.conv, project.norm)],
                 act=dw.activate if dw.with_activation else None)
+
+
+def _mbv2_block(block):
+    """Whether ``block`` is an mmpretrain MobileNetV2 ``InvertedResidual``
+    of ConvModules with BNs (``conv = [(expand,) depthwise, project]``)."""
+    convs = getattr(block, 'conv', None)
+    return isinstance(convs, nn.Sequential) and len(convs) in (2, 3) and \
+        all(hasattr(c, 'conv') and _bn(getattr(c, 'norm', None))
+            for c in convs) and hasattr(block, 'use_res_connect') and \
+        _plain_conv(convs[-1].conv) and (
+            len(convs) == 2 or _plain_conv(convs[0].conv))
+
+
+def _act(conv_module):
+    return conv_module.activate if conv_module.with_activation else None
+
+
+@SEARCH.register_module()
+class MobileNetV2StreamFinder:
+    """The channels between mmpretrain MobileNetV2's blocks: the stem, each
+    residual stream and the last conv.
+
+    * Stem (``conv1``) -> the first block. Without expansion (the stock
+      net) its channels run through the first block's depthwise conv to its
+      projection: unit ``layer1.0.conv.0.bn`` gated by that depthwise BN
+      (produced by the stem and the depthwise, read by the 1x1 projection:
+      exact). With expansion: unit ``conv1.bn`` read by the expand conv.
+    * Residual streams: a block without residual connection starts a stream
+      (its projection writes it), every following residual block adds its
+      projection; the blocks after it (their expand convs), the next
+      stream's first block and the last conv read it. A
+      :class:`~atomnas_mm.search.units.ResidualUnit` named by the first
+      projection's BN, gated jointly by every writer's BN (``combine``),
+      exact (1x1 readers). A stream that leaves the backbone (its stage in
+      ``out_indices``) or is read by a depthwise conv (a block without
+      expansion) is skipped.
+    * Last conv (``conv2``) -> global average pooling -> the classifier's
+      ``fc``: unit ``conv2.bn``, the removed channels' constant into the
+      fc's bias (exact). Only in an ``ImageClassifier`` whose neck is
+      ``GlobalAveragePooling`` and head a ``LinearClsHead`` reading
+      ``out_indices=(7, )``; else skipped.
+
+    Args:
+        stem, streams, last_conv (bool): Which units to take.
+        combine (str): How a stream channel's writers' scales combine
+            (:class:`~atomnas_mm.search.units.ResidualUnit`).
+    """
+
+    def __init__(self, stem=True, streams=True, last_conv=True,
+                 combine='max'):
+        if combine not in ResidualUnit.COMBINE:
+            raise ValueError(f'combine: one of {ResidualUnit.COMBINE}, got '
+                             f'{combine!r}')
+        self.stem, self.streams, self.last_conv = stem, streams, last_conv
+        self.combine = combine
+
+    def __call__(self, model, skipped, claimed):
+        heads = {id(m.backbone): m for m in model.modules()
+                 if isinstance(getattr(m, 'backbone', None), nn.Module)}
+        for name, net in _named(model, claimed, {'MobileNetV2'}):
+            if not (hasattr(net, 'layers') and hasattr(net, 'conv1')
+                    and hasattr(net, 'conv2')):
+                continue
+            claimed.add(id(net))
+            yield from self._units(name + '.' if name else '', net,
+                                   heads.get(id(net)), skipped)
+
+    def _units(self, prefix, net, owner, skipped):
+        blocks = []  # (layer index, path, block)
+        for i, layer_name in enumerate(net.layers[:-1]):
+            for j, block in enumerate(getattr(net, layer_name)):
+                if not _mbv2_block(block):
+                    skipped.append((f'{prefix}{layer_name}.{j}', 'not the '
+                                    'MobileNetV2 block layout: its stream '
+                                    'is not searched'))
+                    return
+                blocks.append((i, f'{prefix}{layer_name}.{j}', block))
+        if not blocks:
+            return
+        if self.stem:
+            yield from self._stem(prefix, net, blocks[0], skipped)
+        streams = []
+        for entry in blocks:
+            if entry[2].use_res_connect and streams:
+                streams[-1].append(entry)
+            else:
+                streams.append([entry])
+        if self.streams:
+            for k, stream in enumerate(streams):
+                after = streams[k + 1][0] if k + 1 < len(streams) else None
+                unit = self._stream(prefix, net, stream, after, skipped)
+                if unit is not None:
+                    yield unit
+        if self.last_conv:
+            unit = self._last(prefix, net, owner, skipped)
+            if unit is not None:
+                yield unit
+
+    def _stem(self, prefix, net, first, skipped):
+        _, path, block = first
+        stem = net.conv1
+        if not (_plain_conv(stem.conv) and _bn(stem.norm)):
+            skipped.append((f'{prefix}conv1', 'stem is not conv + BN: not '
+                            'searched'))
+            return
+        if block.use_res_connect:
+            skipped.append((f'{prefix}conv1', 'the stem\'s channels feed a '
+                            'residual addition: not searched'))
+            return
+        if len(block.conv) == 3:
+            expand = block.conv[0]
+            yield ChannelUnit(f'{prefix}conv1.{stem.norm_name}', stem.norm,
+                              producers=[stem.conv, stem.norm],
+                              consumers=[(expand.conv, expand.norm)],
+                              act=_act(stem))
+            return
+        dw, project = block.conv
+        if dw.conv.groups != dw.conv.in_channels or \
+                dw.conv.out_channels != dw.conv.in_channels:
+            skipped.append((path, 'first block is not depthwise: the stem '
+                            'is not searched'))
+            return
+        # the first block's hidden channels are the stem's: one unit
+        skipped[:] = [s for s in skipped if s[0] != path]
+        yield ChannelUnit(f'{path}.conv.0.{dw.norm_name}', dw.norm,
+                          producers=[stem.conv, stem.norm, dw.conv, dw.norm],
+                          consumers=[(project.conv, project.norm)],
+                          act=_act(dw))
+
+    def _stream(self, prefix, net, stream, after, skipped):
+        first = stream[0][1]
+        ends = {i for i, _, _ in stream}
+        leaving = [i for i in net.out_indices if i in ends and (
+            after is None or after[0] != i)]
+        if leaving:
+            skipped.append((first, f'its stream is an output of the backbone '
+                            f'(out_indices {leaving[0]}): not searched'))
+            return None
+        readers = [entry for entry in stream[1:]] + (
+            [after] if after is not None else [])
+        if any(len(block.conv) != 3 for _, _, block in readers):
+            skipped.append((first, 'its stream is read by a depthwise conv '
+                            '(a block without expansion): not searched'))
+            return None
+        gates, producers, acts = [], [], []
+        for _, _, block in stream:
+            project = block.conv[-1]
+            gates.append(project.norm)
+            producers += [project.conv, project.norm]
+            acts.append(_act(project))
+        consumers = [(block.conv[0].conv, block.conv[0].norm)
+                     for _, _, block in readers]
+        reads = list(range(1, len(stream))) + (
+            [len(stream)] if after is not None else [])
+        if after is None:
+            consumers.append((net.conv2.conv, net.conv2.norm))
+            reads.append(len(stream))
+            if not (_plain_conv(net.conv2.conv) and _bn(net.conv2.norm)):
+                skipped.append((first, 'the last conv is not conv + BN: the '
+                                'last stream is not searched'))
+                return None
+        block = stream[0][2]
+        return ResidualUnit(
+            f'{first}.conv.{len(block.conv) - 1}.{block.conv[-1].norm_name}',
+            gates, producers, consumers, reads, acts, combine=self.combine)
+
+    def _last(self, prefix, net, owner, skipped):
+        where = f'{prefix}conv2'
+        head = getattr(owner, 'head', None)
+        neck = getattr(owner, 'neck', None)
+        fc = getattr(head, 'fc', None)
+        conv2 = net.conv2
+        if owner is None or type(neck).__name__ != 'GlobalAveragePooling' or \
+                type(head).__name__ != 'LinearClsHead' or \
+                not isinstance(fc, nn.Linear) or fc.bias is None or \
+                tuple(net.out_indices) != (len(net.layers) - 1, ):
+            skipped.append((where, 'the last conv\'s outputs leave the '
+                            'backbone to a reader other than global average '
+                            'pooling and a LinearClsHead: not searched'))
+            return None
+        if not (_plain_conv(conv2.conv) and _bn(conv2.norm)):
+            skipped.append((where, 'not conv + BN: not searched'))
+            return None
+        return ChannelUnit(f'{where}.{conv2.norm_name}', conv2.norm,
+                           producers=[conv2.conv, conv2.norm],
+                           consumers=[(fc, 'bias')], act=_act(conv2))
 
 
 @SEARCH.register_module()
@@ -194,4 +380,5 @@ class ResNetFinder:
 #: not offered to the next). The tracing finder comes last and searches
 #: only models in which the others claimed nothing.
 DEFAULT_FINDERS = (AtomNASFinder(), MobileNetV2Finder(),
-                   InvertedResidualFinder(), ResNetFinder(), TracingFinder())
+                   MobileNetV2StreamFinder(), InvertedResidualFinder(),
+                   ResNetFinder(), TracingFinder())

@@ -148,17 +148,22 @@ class ChannelUnit:
             p == 0 for p in layer.padding) if not isinstance(
                 layer.padding, str) else layer.padding == 'valid'
 
+    def consumer_constants(self):
+        """Per consumer: the eval-mode value it reads in a channel whose
+        gamma is 0 (here the same for every consumer)."""
+        return [self.constants()] * len(self.consumers)
+
     def _shifts(self, keep):
         """Per consumer: the constant its output loses with the removed
         channels (summed over the kernel: the interior value)."""
-        removed = self._removed(keep)
-        const = self.constants().cpu() * removed.to(self.gate.weight.dtype)
+        removed = self._removed(keep).to(self.gate.weight.dtype)
         out = []
-        for layer, _ in self.consumers:
+        for (layer, _), const in zip(self.consumers,
+                                     self.consumer_constants()):
             weight = layer.weight.detach().cpu()
             per_channel = weight.flatten(2).sum(-1) if weight.dim() > 2 \
                 else weight
-            out.append(per_channel @ const)
+            out.append(per_channel @ (const.cpu() * removed))
         return out
 
     def error_bound(self, keep):
@@ -174,11 +179,12 @@ class ChannelUnit:
         removed = self._removed(keep)
         if not removed.any():
             return 0.0
-        const = self.constants().cpu().abs()[removed]
         bound = 0.0
-        for layer, fold in self.consumers:
+        for (layer, fold), const in zip(self.consumers,
+                                        self.consumer_constants()):
             if self._exact(layer) and layer is not self.gated:
                 continue
+            const = const.cpu().abs()[removed]
             weight = layer.weight.detach().cpu().abs()
             per = (weight.flatten(2).sum(-1) if weight.dim() > 2
                    else weight)[:, removed] @ const
@@ -228,6 +234,88 @@ class ChannelUnit:
 def _slice_linear_in(layer, index, remap):
     slice_param(layer, 'weight', 1, index, remap)
     layer.in_features = len(index)
+
+
+class ResidualUnit(ChannelUnit):
+    """The channels of one residual stream: several layers write (add) into
+    them, and layers read the running sum at different points.
+
+    A stream ``x_k = x_{k-1} + w_k`` (``x_1 = w_1``: a stage's first block
+    writes it, every residual block of the stage adds its projection) has
+    one channel set across all its writers and readers. A channel whose
+    gamma is 0 in every writer's BN is the constant ``sum act(beta)`` of the
+    writers before each reader; it is removed from every writer (output
+    dim) and reader (input dim), each reader's constant folded into its BN
+    running mean (exact for 1x1 readers).
+
+    Args:
+        name (str): The first writer's BN path (the unit's name).
+        gates (list[nn.BatchNorm2d]): The writers' BNs, in stream order.
+        producers (list[nn.Module]): The writers' convs and BNs.
+        consumers (list[tuple]): ``(layer, fold)`` as in
+            :class:`ChannelUnit`.
+        reads (list[int]): Per consumer, how many writers (the first ones)
+            its input sums.
+        acts (list[callable | None], optional): Per writer, the activation
+            after its BN (None: linear, a projection).
+        combine (str): A channel's strength from its writers' ``|gamma|``:
+            ``'max'`` (it dies only when dead in every writer), ``'sum'``
+            (the L1 norm of its scales) or ``'l2'``.
+    """
+
+    kind = 'residual'
+    COMBINE = ('max', 'sum', 'l2')
+
+    def __init__(self, name, gates, producers, consumers, reads, acts=None,
+                 combine='max'):
+        super().__init__(name, gates[0], producers, consumers)
+        if len(reads) != len(self.consumers) or not all(
+                1 <= r <= len(gates) for r in reads):
+            raise ValueError(f'{name}: reads must give each consumer a '
+                             f'number of writers in [1, {len(gates)}]')
+        if combine not in self.COMBINE:
+            raise ValueError(f'combine: one of {self.COMBINE}, got '
+                             f'{combine!r}')
+        self.gates = list(gates)
+        self.reads = list(reads)
+        self.acts = list(acts) if acts is not None else [None] * len(gates)
+        self.combine = combine
+
+    def modules(self):
+        return self.gates + [m for m in self.producers
+                             if all(m is not g for g in self.gates)] + [
+            layer for layer, _ in self.consumers]
+
+    def gammas(self):
+        """Per channel, its writers' ``|gamma|`` combined (differentiable;
+        ``'max'``: the largest)."""
+        scales = torch.stack([g.weight.abs() for g in self.gates])
+        if self.combine == 'max':
+            return scales.amax(0)
+        if self.combine == 'sum':
+            return scales.sum(0)
+        return scales.pow(2).sum(0).sqrt()
+
+    def gamma_slices(self):
+        """Every writer's scales, each over all the unit's channels (the
+        proximal step shrinks them all)."""
+        return [(g.weight, 0) for g in self.gates]
+
+    def constants(self):
+        """Per writer (rows): ``act(beta)``, a dead channel's output."""
+        rows = []
+        for gate, act in zip(self.gates, self.acts):
+            beta = gate.bias.detach().clone() if gate.bias is not None \
+                else gate.weight.new_zeros(self.num_channels)
+            if act is not None:
+                beta = act(beta.view(1, -1, 1, 1)).flatten()
+            rows.append(beta)
+        return torch.stack(rows)
+
+    def consumer_constants(self):
+        """Per consumer: the sum of the constants of the writers before it."""
+        running = self.constants().cumsum(0)
+        return [running[r - 1] for r in self.reads]
 
 
 class AtomUnit:
