@@ -156,6 +156,7 @@ class Plain(nn.Module):
         self.conv2 = nn.Conv2d(8, 8, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(8)
         self.conv3 = nn.Conv2d(8, 4, 1)
+        self.conv4 = nn.Conv2d(8, 4, 1)
         self.gn = nn.GroupNorm(2, 8)
         self.grouped = nn.Conv2d(8, 8, 3, padding=1, groups=2)
         self.fc = nn.Linear(8 * 4 * 4, 3)
@@ -163,7 +164,8 @@ class Plain(nn.Module):
 
     def forward(self, x):
         x = F.relu(self.bn1(self.conv1(x)))
-        y = self.bn2(self.conv2(x))
+        z = self.conv2(x)
+        y = self.bn2(z)
         if self.tail == 'add':
             return self.conv3(F.relu(y + x))
         if self.tail == 'cat':
@@ -178,6 +180,10 @@ class Plain(nn.Module):
             return self.conv3(self.gn(y))
         if self.tail == 'grouped':
             return self.conv3(self.grouped(y))
+        if self.tail == 'two-acts':
+            return self.conv3(F.relu(y)), self.conv4(y)
+        if self.tail == 'read-twice':
+            return self.conv3(y), self.conv4(z)
         if self.tail == 'untraceable':
             return self.conv3(y) if y.sum() > 0 else y
         return self.conv3(y)
@@ -197,6 +203,8 @@ class Plain(nn.Module):
     ('groupnorm', 'bn2: its channels reach gn, a GroupNorm, not a BatchNorm'),
     ('grouped', 'bn2: its channels reach the grouped conv grouped '
      '(groups=2), which couples them'),
+    ('two-acts', 'bn2: its readers see it through different activations'),
+    ('read-twice', 'bn2: its channels are also read before it'),
     ('untraceable', 'Plain: torch.fx cannot trace it (TraceError: ')])
 def test_refusals_name_the_module_and_the_reason(tail, why):
     model = Plain(tail)
@@ -204,7 +212,9 @@ def test_refusals_name_the_module_and_the_reason(tail, why):
     units = find_units(model, skipped=skipped)
     assert any(why in f'{name}: {reason}' for name, reason in skipped), \
         skipped
-    if tail in ('add', 'untraceable'):  # nothing left: refused as a whole
+    # nothing left (read-twice: conv2 has no BN of its own to fold bn1's
+    # constant into either): refused as a whole
+    if tail in ('add', 'untraceable', 'read-twice'):
         with pytest.raises(SearchRefused, match=re.escape(why)):
             require_units(model)
     else:  # conv1's channels are plain: bn1 is a unit
