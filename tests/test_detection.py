@@ -17,6 +17,7 @@ from mmengine.registry import init_default_scope
 
 import atomnas_mm  # noqa: F401
 from atomnas_mm.models.archs import get_arch
+from harness import clear_global_instances
 
 pytest.importorskip('mmdet', reason='needs mmdet (requirements/mminstall.txt)')
 cv2 = pytest.importorskip('cv2', reason='needs opencv')
@@ -195,8 +196,14 @@ def assert_same(backbone, expected):
 
 
 def train(cfg, work_dir):
-    """2 iterations with tools/train.py; return the checkpoint."""
+    """2 iterations with tools/train.py; return the checkpoint.
+
+    The tool runs in this process: its global instances are cleared after
+    it, as when its own process ends (mmdet's configs name the visualizer
+    'visualizer', so tools/test.py would get this one).
+    """
     load_tool('train').main([cfg, '--work-dir', work_dir, '--no-validate'])
+    clear_global_instances()
     ckpt = osp.join(work_dir, 'epoch_1.pth')
     assert osp.isfile(ckpt)
     return ckpt
