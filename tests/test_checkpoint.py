@@ -464,3 +464,20 @@ def test_other_models_keep_mmengine_warnings(tmp_path):
                                 'extra': torch.zeros(1)}), path)
     load_checkpoint(model, path)  # a warning only
     assert torch.equal(model[0].weight, torch.zeros(3, 2))
+
+
+def test_older_checkpoints_penalty_weight_buffer_loads():
+    """Checkpoints written before the buffer was named ``penalty_weight``
+    hold ``atom_cost``: the backbone loads them under the new name."""
+    from atomnas_mm.models import AtomNAS
+    from harness import SUPERNET
+    source = AtomNAS(arch=SUPERNET)
+    for block in source.blocks():
+        block.penalty_weight.uniform_()
+    old = {k.replace('penalty_weight', 'atom_cost'): v
+           for k, v in source.state_dict().items()}
+    assert any(k.endswith('.atom_cost') for k in old)
+    model = AtomNAS(arch=SUPERNET)
+    model.load_state_dict(old)
+    for a, b in zip(model.blocks(), source.blocks()):
+        assert torch.equal(a.penalty_weight, b.penalty_weight)

@@ -320,7 +320,7 @@ def last_scalars(work_dir):
 @pytest.mark.parametrize('detector', ['retinanet', 'faster-rcnn'])
 def test_search_in_detector_with_mmdet_tools(detector, coco, tmp_path):
     from atomnas_mm.models import AtomNAS
-    from atomnas_mm.models.cost import count_flops_params
+    from atomnas_mm.models.flops_count import count_flops_params
     pretrained = str(tmp_path / 'supernet_cls.pth')
     write_classifier(pretrained, 'supernet', gammas=(0., 2.),
                      stem_channels=16)

@@ -13,8 +13,8 @@ from mmpretrain.models import ImageClassifier
 from atomnas_mm.engine.hooks.penalty_hook import BNL1PenaltyHook
 from atomnas_mm.models import AtomNAS
 from atomnas_mm.search.policy import LinearRampSchedule
-from atomnas_mm.search.penalty import (bn_l1_penalty, decayed_params,
-                                       proximal_l1_step, weight_decay_loss)
+from atomnas_mm.engine.weight_decay import decayed_params, weight_decay_loss
+from atomnas_mm.search.penalty import bn_l1_penalty, proximal_l1_step
 from harness import ddp_cfg, spawn_cpu_ddp, toy_arch, toy_loader, unique_name
 
 # A fixed first block, two searchable blocks and one emptied residual block.

@@ -193,7 +193,7 @@ def search(tmp_path_factory):
 
 def test_search_shrinks_mid_run_and_logs_what_it_does(search):
     from atomnas_mm.models import AtomNAS
-    from atomnas_mm.models.cost import count_flops_params
+    from atomnas_mm.models.flops_count import count_flops_params
     log = search['log']
     shrinks = re.findall(r'AtomShrinkHook: removed \d+ atoms .* in epoch '
                          r'\d+, after iter (\d+)', log)

@@ -4,9 +4,7 @@ Pure functions of a model; the hook that adds them to the loss lives in
 ``atomnas_mm.engine.hooks.penalty_hook``.
 """
 import torch
-import torch.nn as nn
 from mmengine.model import is_model_wrapper
-from torch.nn.modules.conv import _ConvNd
 
 from .units import AtomUnit, find_units
 
@@ -108,40 +106,6 @@ def proximal_l1_step(model, optimizer, rho, weights=None, units=None):
             weight = unit_weights[start:start + gamma.numel()]
             shrunk = gamma.abs() - (lr * rho) * weight.to(gamma)
             gamma.copy_(gamma.sign() * shrunk.clamp_(min=0))
-
-
-def decayed_params(model):
-    """Weights of conv and linear layers and biases of linear layers.
-
-    Frozen parameters (``requires_grad=False``) are left out.
-    """
-    params = []
-    for m in _unwrap(model).modules():
-        if isinstance(m, (_ConvNd, nn.Linear)):
-            params.append(m.weight)
-            if isinstance(m, nn.Linear) and m.bias is not None:
-                params.append(m.bias)
-    return [p for p in params if p is not None and p.requires_grad]
-
-
-def weight_decay_loss(model, weight_decay):
-    """Weight decay as a loss term: ``0.5 * wd * sum(w^2)``.
-
-    Over conv and FC weights and the FC biases; no BN, no conv biases.
-
-    Args:
-        model (nn.Module): A model, possibly wrapped (DDP).
-        weight_decay (float): The decay ``wd``.
-
-    Returns:
-        Tensor: A differentiable scalar.
-    """
-    params = decayed_params(model)
-    if not params:
-        return _zero(model)
-    # (p * p).sum() beats dot/pow (forward + backward) on CPU and GPU.
-    squares = torch.stack([(p * p).sum() for p in params])
-    return 0.5 * weight_decay * squares.sum()
 
 
 def _zero(model):

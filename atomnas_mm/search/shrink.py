@@ -140,10 +140,11 @@ def width_cost_of(model, cost, units=None):
                       backbone_cost(model, cost))
 
 
-def atom_costs(model, cost, units=None):
+def atom_costs(model, cost, units=None, widths=None):
     """``{unit name: per-channel cost}`` of every unit: an AtomNAS atom's
     cost by the cost model, another unit's marginal cost of one channel
-    at the current widths."""
+    at the current widths (from ``widths``, the model's
+    :func:`width_cost_of` by ``cost``, when given: no costing again)."""
     units = _units(model, units)
     names = {id(m): name for name, m in model.named_modules()}
     out = {}
@@ -153,17 +154,19 @@ def atom_costs(model, cost, units=None):
                 out[names[id(block)]] = c
     others = {n: u for n, u in units.items() if n not in out}
     if others:
-        evaluator = width_cost_of(model, cost, others)
+        evaluator = widths if widths is not None else width_cost_of(
+            model, cost, others)
         for name, unit in others.items():
             out[name] = torch.full((unit.num_channels, ),
                                    -float(evaluator.removal(name, 0)))
     return out
 
 
-def removed_cost(model, plan, cost):
+def removed_cost(model, plan, cost, costs=None):
     """What the channels that ``plan`` removes cost, by the ``cost`` model
-    (the sum of :func:`atom_costs`)."""
-    costs = atom_costs(model, cost)
+    (the sum of :func:`atom_costs`; ``costs``, when given, are those)."""
+    if costs is None:
+        costs = atom_costs(model, cost)
     total = 0.0
     for name, keep in plan.items():
         dead = torch.ones(len(costs[name]), dtype=torch.bool)

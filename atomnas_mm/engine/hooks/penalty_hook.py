@@ -6,8 +6,8 @@ from mmengine.optim import OptimWrapper, OptimWrapperDict
 
 from ...registry import HOOKS
 from ...search.costs import FLOPsCost, set_penalty_weights
-from ...search.penalty import (bn_l1_penalty, proximal_l1_step,
-                               weight_decay_loss)
+from ...search.penalty import bn_l1_penalty, proximal_l1_step
+from ..weight_decay import weight_decay_loss
 from ...search.shrink import atom_costs, find_backbones
 from ...search.units import AtomUnit, require_units
 from ...search.policy import LinearRampSchedule, build_part, check_number

@@ -15,9 +15,9 @@ from ...search.budget import BudgetController
 from ...search.costs import FLOPsCost, ParamsCost
 from ...search.policy import (MinFLOPsTrigger, ThresholdCriterion, build_part,
                               check_number)
-from ...search.shrink import (apply_plan, atom_strengths, backbone_cost,
-                              channel_widths, check_optimizer, check_plan,
-                              find_backbones, narrow_to_widths,
+from ...search.shrink import (apply_plan, atom_costs, atom_strengths,
+                              backbone_cost, channel_widths, check_optimizer,
+                              check_plan, find_backbones, narrow_to_widths,
                               plan_from_strengths, removed_cost,
                               reshape_to_arch, shrink_optimizer, width_cost_of)
 from ...search.units import (AtomUnit, describe_skipped, find_units,
@@ -204,10 +204,16 @@ class AtomShrinkHook(Hook):
 
     # -- the work -------------------------------------------------------------
     def plan_and_steer(self, runner, final=False):
-        """The shrink plan, its cost and whether it lands the net on the
-        budget; decided on rank 0, broadcast (with the budget controller's
+        """The shrink plan, its cost, whether it lands the net on the
+        budget and the per-channel costs (the model is costed once per
+        check); decided on rank 0, broadcast (with the budget controller's
         new penalty scale)."""
         model, ema = self._model(runner), self._ema_module(runner)
+        units = find_units(model)
+        widths = width_cost_of(model, self.cost, units) if (
+            self.controller is not None or not all(
+                isinstance(u, AtomUnit) for u in units.values())) else None
+        costs = atom_costs(model, self.cost, units, widths)
         decision = [None, None, False]
         if is_main_process():
             strengths = atom_strengths(model, self.criterion, ema,
@@ -218,27 +224,28 @@ class AtomShrinkHook(Hook):
                 lands = False
             else:
                 plan, lands = self._budget_plan(runner, model, strengths,
-                                                final)
+                                                final, widths, costs)
             decision = [plan, None if self.controller is None
                         else self.controller.scale, lands]
         broadcast_object_list(decision)
         plan, scale, lands = decision
         if scale is not None:
             self.controller.scale = scale
-        return plan, removed_cost(model, plan, self.cost), lands
+        return plan, removed_cost(model, plan, self.cost, costs), lands, \
+            costs
 
-    def _budget_plan(self, runner, model, strengths, final):
+    def _budget_plan(self, runner, model, strengths, final, widths, costs):
         """Steer the penalty from the live cost; cap the plan at the target
         (at the deadline and at the end: remove the weakest atoms down to
         it). Returns the plan and whether it leaves the net on the target."""
         controller = self.controller
-        total = backbone_cost(model, self.cost)
+        total = widths.total
         # The live cost counts atoms dead in the live weights: the EMA copy
         # lags the penalty by its averaging window, a controller would wind
         # up waiting for it.
         dead_now = plan_from_strengths(
             model, atom_strengths(model, self.criterion), self.criterion)
-        live = total - removed_cost(model, dead_now, self.cost)
+        live = total - removed_cost(model, dead_now, self.cost, costs)
         progress = (runner.iter + 1) / runner.max_iters
         if not self.follow_path:  # the removals follow the path instead
             controller.update(live, progress)
@@ -266,8 +273,7 @@ class AtomShrinkHook(Hook):
         candidates = {name: torch.ones_like(s, dtype=torch.bool) if force
                       else self.criterion.dead(s)
                       for name, s in strengths.items()}
-        plan, after = controller.cap(width_cost_of(model, self.cost),
-                                     strengths, candidates, floor)
+        plan, after = controller.cap(widths, strengths, candidates, floor)
         return plan, controller.lands(after)
 
     def shrink_if_due(self, runner, epoch, iteration, final=False):
@@ -285,9 +291,10 @@ class AtomShrinkHook(Hook):
         Returns:
             dict: The applied plan (empty when nothing was removed).
         """
-        plan, cost, lands = self.plan_and_steer(runner, final)
-        if plan and (lands or self.trigger(
-                removed_cost(self._model(runner), plan, self.flops), final)):
+        plan, cost, lands, costs = self.plan_and_steer(runner, final)
+        if plan and (lands or self.trigger(removed_cost(
+                self._model(runner), plan, self.flops,
+                costs if self.cost is self.flops else None), final)):
             self._shrink(runner, plan, epoch, iteration, cost)
         else:
             plan = {}
