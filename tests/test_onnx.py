@@ -168,6 +168,7 @@ def test_onnx_block_equals_the_block(merge, align, kind):
         (ref - out).abs().max()
 
 
+@pytest.mark.slow  # a subprocess through tools/deployment/pytorch2onnx.py
 def test_onnx_tool_pads_and_matches_pytorch(tmp_path, tiny_arch):
     """Through tools/deployment/pytorch2onnx.py: the graph holds no Split,
     every depthwise conv after an expand conv has a multiple of 16 channels
@@ -212,6 +213,7 @@ def test_onnx_tool_pads_and_matches_pytorch(tmp_path, tiny_arch):
         assert abs(got - expected).max() < 1e-4
 
 
+@pytest.mark.slow  # a subprocess through tools/deployment/pytorch2onnx.py
 def test_onnx_tool_refuses_a_bad_align(tmp_path, tiny_arch):
     import subprocess
     import sys
