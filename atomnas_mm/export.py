@@ -392,6 +392,27 @@ def narrowed_backbone_cfg(model_cfg, widths, path):
     return model_cfg
 
 
+def reaches_outside_backbone(cfg, widths):
+    """Whether a unit of ``widths`` has readers outside the backbone (e.g.
+    MobileNetV2's last conv, read by the classifier's fc): then the whole
+    model, not the backbone alone, is built narrowed."""
+    from mmengine.registry import init_default_scope
+    from mmpretrain.registry import MODELS
+
+    from .search.units import find_units
+    model_cfg = copy.deepcopy(cfg.model)
+    model_cfg.pop('init_cfg', None)
+    init_default_scope(cfg.get('default_scope', 'mmpretrain'))
+    model = MODELS.build(model_cfg)
+    backbone = getattr(model, 'backbone', None)
+    if backbone is None:
+        return False
+    inside = {id(m) for m in backbone.modules()}
+    units = find_units(model, frozen=True)
+    return any(id(layer) not in inside for name in widths if name in units
+               for layer, _ in units[name].consumers)
+
+
 def export_channels(ckpt, path, out, name=None, config=None, inherit=None,
                     src=None):
     """:func:`export` for a search on a stock model (channel units):
@@ -406,7 +427,13 @@ def export_channels(ckpt, path, out, name=None, config=None, inherit=None,
         raise ValueError(f'{path}: no config stored in meta["cfg"]; '
                          'pass --config')
     strip_search(cfg, {})
-    cfg.model = narrowed_backbone_cfg(cfg.model, widths, path)
+    if reaches_outside_backbone(cfg, widths):
+        model_cfg = copy.deepcopy(cfg.model)
+        model_cfg.pop('init_cfg', None)
+        cfg.model = dict(type='atomnas_mm.Narrowed', model=model_cfg,
+                         channel_units={n: list(w) for n, w in widths.items()})
+    else:
+        cfg.model = narrowed_backbone_cfg(cfg.model, widths, path)
     name = _export_name(name, src or path, path, ckpt, config)
     os.makedirs(out, exist_ok=True)
     paths = dict(arch=osp.join(out, 'channel_units.json'),

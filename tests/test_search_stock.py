@@ -79,12 +79,12 @@ def test_stock_mobilenet_v2_search_train_test_export(tmp_path):
     cfg, full, target = tiny_mbv2_search(tmp_path)
     work = tmp_path / 'work'
     log = run(['tools/train.py', str(cfg), '--work-dir', str(work)], ROOT)
-    assert 'AtomShrinkHook: searching 16 channel units' in log
-    assert 'layer1.0: no expansion conv' in log  # what is not searched
+    # 16 blocks' hidden channels, the stem, 7 residual streams, the last conv
+    assert 'AtomShrinkHook: searching 25 channel units' in log
     assert re.search(r'AtomShrinkHook: removed \d+ atoms', log)
     ckpt = torch.load(work / 'epoch_2.pth', weights_only=True)
     widths = ckpt['meta']['channel_units']
-    assert len(widths) == 16 and ckpt['meta']['atomnas_arch'] == {}
+    assert len(widths) == 25 and ckpt['meta']['atomnas_arch'] == {}
     history = ckpt['meta']['atomnas_history']
     assert history[0]['flops'] == full
     assert target <= history[-1]['flops'] <= 1.02 * target
@@ -105,6 +105,9 @@ def test_stock_mobilenet_v2_search_train_test_export(tmp_path):
     text = (tmp_path / 'export' / 'mbv2.py').read_text()
     assert "type='atomnas_mm.Narrowed'" in text and 'AtomShrinkHook' not in \
         text and "type='MobileNetV2'" in text
+    if widths['backbone.conv2.bn'][0] < 1280:  # the head's fc narrowed too
+        assert "'backbone.conv2.bn'" in text and "type='ImageClassifier'" in \
+            text.split("type='atomnas_mm.Narrowed'")[1]
     assert json.loads((tmp_path / 'export' / 'channel_units.json')
                       .read_text()) == widths
     log = run(['tools/test.py', str(tmp_path / 'export' / 'mbv2.py'),

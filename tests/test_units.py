@@ -1,6 +1,7 @@
 """Channel units of stock models: finding, surgery, costs, penalty, refusals
 (atomnas_mm.search.units / finders)."""
 import copy
+import os.path as osp
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ from atomnas_mm.search.shrink import (apply_plan, backbone_cost,
                                       width_cost_of)
 from atomnas_mm.search.units import (AtomUnit, SearchRefused, find_units,
                                      require_units)
-from harness import SUPERNET
+from harness import ROOT, SUPERNET
 
 
 def randomised(model, seed=0):
@@ -380,3 +381,33 @@ def test_width_cost_of_a_classifier_counts_the_backbone_only():
     apply_plan(model, plan)
     assert backbone_cost(model, cost) == widths.total
     assert widths.smallest() < 0.01 * backbone_cost(mbv2_classifier(), cost)
+
+
+def test_export_narrows_the_whole_classifier_when_the_last_conv_shrank(
+        tmp_path):
+    """The last conv's reader is the head's fc: the exported config narrows
+    the whole model (``atomnas_mm.Narrowed`` around the classifier), which
+    builds with the Runner's data_preprocessor and loads the weights
+    strictly."""
+    from mmengine.config import Config
+    from mmpretrain.registry import MODELS
+
+    from atomnas_mm.export import export_channels
+    config = 'configs/demo/mobilenet-v2_fashion_mnist_search.py'
+    cfg = Config.fromfile(osp.join(ROOT, config))
+    model = MODELS.build(cfg.model)
+    apply_plan(model, {'backbone.conv2.bn': torch.arange(640),
+                       'backbone.layer7.0.conv.2.bn': torch.arange(100)})
+    ckpt = dict(state_dict=model.state_dict(),
+                meta=dict(channel_units=channel_widths(model)))
+    paths = export_channels(ckpt, str(tmp_path / 'epoch_1.pth'),
+                            str(tmp_path / 'export'), name='m',
+                            config=osp.join(ROOT, config))
+    exported = Config.fromfile(paths['config']).model
+    assert exported.type == 'atomnas_mm.Narrowed' and \
+        exported.model.type == 'ImageClassifier'
+    exported.data_preprocessor = dict(type='ClsDataPreprocessor')
+    built = MODELS.build(exported)
+    built.load_state_dict(torch.load(paths['checkpoint'],
+                                     weights_only=True)['state_dict'])
+    assert built.head.fc.in_features == 640
