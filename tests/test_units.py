@@ -65,10 +65,13 @@ def calibrated(model, seed=0):
             m.momentum = None
     model.train()
     with torch.no_grad():
+        classifier = hasattr(model, 'head')
         for _ in range(2):
-            model(torch.randn(8, 3, 32, 32, generator=gen), mode='tensor')
-        model.head.fc.weight.normal_(generator=gen)
-        model.head.fc.bias.normal_(generator=gen)
+            x = torch.randn(8, 3, 32, 32, generator=gen)
+            model(x, mode='tensor') if classifier else model(x)
+        if classifier:
+            model.head.fc.weight.normal_(generator=gen)
+            model.head.fc.bias.normal_(generator=gen)
     return model.eval()
 
 
@@ -411,3 +414,24 @@ def test_export_narrows_the_whole_classifier_when_the_last_conv_shrank(
     built.load_state_dict(torch.load(paths['checkpoint'],
                                      weights_only=True)['state_dict'])
     assert built.head.fc.in_features == 640
+
+
+def test_a_stage_starting_with_a_residual_block_continues_the_stream():
+    """A stage whose first block keeps width and stride adds into the
+    previous stage's stream: one unit over both, removal exact."""
+    arch = [[1, 16, 1, 1], [6, 24, 2, 2], [6, 24, 2, 1], [6, 32, 1, 2]]
+    net = type('MobileNetV2', (MobileNetV2, ), dict(arch_settings=arch))(
+        out_indices=(4, ))
+    units = find_units(net)
+    stream = units['layer2.0.conv.2.bn']
+    assert len(stream.gates) == 4 and stream.reads == [1, 2, 3, 4]
+    assert 'layer3.0.conv.2.bn' not in units
+    calibrated(net)
+    plan = kill_every_other({'layer2.0.conv.2.bn': stream})
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        before = net(x)[-1]
+        assert (before[0] - before[1]).abs().max() > 0.1
+        apply_plan(net, plan)
+        assert torch.allclose(net(x)[-1], before, rtol=1e-4, atol=1e-4)
+    assert net.layer3[1].conv[0].conv.in_channels == 12

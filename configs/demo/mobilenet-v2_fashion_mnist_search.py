@@ -3,9 +3,10 @@
 #
 #   .venv/bin/python tools/train.py configs/demo/mobilenet-v2_fashion_mnist_search.py
 #
-# Every expanding InvertedResidual's hidden channels are one channel unit,
-# gated by its depthwise BN (docs/search_any_model.md). BNL1PenaltyHook
-# pushes the unit's BN scales to zero, weighted by what a channel costs;
+# Channel units (docs/search_any_model.md): every expanding
+# InvertedResidual's hidden channels (gated by its depthwise BN), the stem,
+# each residual stream (gated by all the BNs writing it) and the last conv.
+# BNL1PenaltyHook pushes the units' BN scales to zero;
 # AtomShrinkHook steers the strength so the backbone reaches the target by
 # half of training, removes dead channels from the model, the optimizer
 # state and the EMA copy as it goes, then fine-tunes the final net. The
