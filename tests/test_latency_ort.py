@@ -13,7 +13,7 @@ from atomnas_mm.models import AtomNAS
 from atomnas_mm.search.costs import LatencyCost
 from atomnas_mm.search.latency import compare, measure_table, padded
 from atomnas_mm.search.shrink import removed_cost, searchable_blocks
-from harness import SUPERNET
+from harness import SUPERNET, toy_classifier
 
 pytest.importorskip('onnxruntime')
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
@@ -190,25 +190,25 @@ def test_bad_ort_tables_and_options_are_refused(measured, tmp_path):
 
 
 def test_tool_measures_in_onnxruntime(tmp_path):
-    """The user path: --runtime onnxruntime on the demo config, then
-    --predict from the written table (whole nets measured in ORT)."""
+    """The user path: --runtime onnxruntime on a tiny config, then --predict
+    from the written table (whole nets measured in ONNX Runtime)."""
+    config = tmp_path / 'tiny.py'
+    config.write_text(f'model = {toy_classifier(SUPERNET)!r}\n')
     out = tmp_path / 'table.json'
-    cmd = [sys.executable, TOOL,
-           osp.join(ROOT, 'configs/demo/atomnas_fashion_mnist.py'),
-           '--runtime', 'onnxruntime', '--threads', '1', '--samples', '1',
+    cmd = [sys.executable, TOOL, str(config), '--runtime', 'onnxruntime',
+           '--threads', '1', '--shape', '32', '--samples', '1',
            '--min-run-time', '0.005', '--out', str(out)]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     assert 'onnxruntime (export kernel groups, align 16, 1 threads)' in \
         run.stdout
     table = json.loads(out.read_text())
-    assert table['runtime'] == 'onnxruntime' and table['input_size'] == 28
+    assert table['runtime'] == 'onnxruntime' and table['input_size'] == 32
     assert (table['form'], table['merge'], table['align']) == (
         'export', 'merged', 16)
     run = subprocess.run(
-        [sys.executable, TOOL, osp.join(ROOT, 'configs/demo/'
-                                        'atomnas_fashion_mnist.py'),
-         '--table', str(out), '--predict', '--subnets', '1'],
+        [sys.executable, TOOL, str(config), '--table', str(out), '--predict',
+         '--subnets', '1', '--min-run-time', '0.005'],
         capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     assert 'measured whole in onnxruntime (1 threads)' in run.stdout
