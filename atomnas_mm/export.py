@@ -510,8 +510,9 @@ def build_from_checkpoint(config, checkpoint):
     """The model of ``config`` with the weights of ``checkpoint``, in eval.
 
     When the checkpoint stores searched archs (``meta['atomnas_arch']``),
-    the model is built with them (:func:`inject_archs`), so a search
-    checkpoint loads with its unedited search config.
+    the model is built with them (:func:`inject_archs`), and its channel
+    units are narrowed to ``meta['channel_units']``, so a search checkpoint
+    loads with its unedited search config.
 
     Args:
         config (str | Config): Config file or object.
@@ -533,6 +534,10 @@ def build_from_checkpoint(config, checkpoint):
     model_cfg.pop('init_cfg', None)
     init_default_scope(cfg.get('default_scope', 'mmpretrain'))
     model = MODELS.build(model_cfg)
+    widths = ckpt.get('meta', {}).get('channel_units')
+    if widths:  # a searched stock model: its units narrowed first
+        from .search.shrink import narrow_to_widths
+        narrow_to_widths(model, widths)
     model.load_state_dict(ckpt['state_dict'], strict=True)
     return model.eval()
 

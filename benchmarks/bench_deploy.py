@@ -269,6 +269,8 @@ def main():
                     row += [f'{ips[label]:.1f}',
                             f'{ips[label] / ref:.2f}x' if ref else '-']
                 rows.append(row)
+            if not rows:  # a group without nets (e.g. --zoo --widths)
+                continue
             heads = ['net', 'MFLOPs']
             for batch in args.batches:
                 heads += [f'img/s b{batch}', f'vs {ref_name}']
