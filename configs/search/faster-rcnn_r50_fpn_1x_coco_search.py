@@ -23,5 +23,6 @@ custom_hooks = [
     dict(type='atomnas_mm.BNL1PenaltyHook', rho=1e-4, warmup_epochs=1),
     dict(type='atomnas_mm.AtomShrinkHook', target=dict(flops=34e9),
          deadline=0.5, tolerance=0.02, follow_path=True, interval=500,
-         by_epoch=False, input_size=800),
+         by_epoch=False, input_size=800,
+         round_to=8),  # widths on 8: README, "Hardware-aligned widths"
 ]
