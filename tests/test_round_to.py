@@ -196,8 +196,9 @@ def test_mobilenet_v2_demo_with_round_to_through_train_py(tmp_path):
     out = subprocess.run(cmd, cwd=str(tmp_path), capture_output=True,
                          text=True, timeout=900)
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
-    from mmpretrain.models import MobileNetV2
-    stock = unit_widths(find_units(MobileNetV2(widen_factor=1.0)))
+    from mmengine.config import Config
+    from mmpretrain.registry import MODELS
+    stock = unit_widths(find_units(MODELS.build(Config.fromfile(cfg).model)))
     for epoch in (1, 2):
         meta = torch.load(work / f'epoch_{epoch}.pth',
                           weights_only=True)['meta']
