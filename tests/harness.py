@@ -26,10 +26,10 @@ import uuid
 import torch
 import torch.multiprocessing as mp
 from mmengine.hooks import Hook
-from mmengine.logging import MessageHub, MMLogger
-from mmengine.registry import DATASETS, DefaultScope
+from mmengine.logging import MMLogger
+from mmengine.registry import DATASETS
 from mmengine.runner import Runner
-from mmengine.visualization import Visualizer
+from mmengine.utils import ManagerMixin
 from mmpretrain.structures import DataSample
 from torch.utils.data import Dataset
 
@@ -160,8 +160,14 @@ def clear_global_instances():
             if isinstance(handler, logging.FileHandler):
                 logger.removeHandler(handler)
                 handler.close()
-    for cls in (MessageHub, MMLogger, Visualizer, DefaultScope):
-        cls._instance_dict.clear()
+    # every managed class keeps its own dict (mmdet's and mmpretrain's
+    # visualizers too)
+    todo = [ManagerMixin]
+    while todo:
+        cls = todo.pop()
+        todo.extend(cls.__subclasses__())
+        if cls is not ManagerMixin:
+            cls._instance_dict.clear()
 
 
 def unique_name(prefix='toy'):

@@ -129,7 +129,7 @@ def test_cli_export_and_test_leave_the_search_work_dir_alone(search):
     # What mmengine dumps for a config file of the search's name.
     Config(make_cfg(work_dir)).dump(osp.join(work_dir, 'tiny_search.py'))
     before = snapshot(work_dir)
-    # The tiny search's toy dataset lives in test_shrink_hook.
+    # The tiny search's toy dataset: registered by tests/toy_imports.py.
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [TESTS, os.environ.get('PYTHONPATH', '')]))
     log = run_tool([osp.join(REPO, 'tools', 'export_searched.py'),
@@ -139,7 +139,7 @@ def test_cli_export_and_test_leave_the_search_work_dir_alone(search):
     (root / 'with_toy_data').mkdir()
     (root / 'with_toy_data' / 'tiny_search.py').write_text(
         "_base_ = ['../export/tiny_search.py']\n"
-        "custom_imports = dict(imports=['atomnas_mm', 'test_shrink_hook'])\n")
+        "custom_imports = dict(imports=['atomnas_mm', 'toy_imports'])\n")
     run_tool([osp.join(REPO, 'tools', 'test.py'),
               'with_toy_data/tiny_search.py', 'export/tiny_search.pth',
               '--out', 'metrics.json', '--out-item', 'metrics'], root, env)

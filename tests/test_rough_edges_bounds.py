@@ -83,9 +83,11 @@ def test_a_bad_latency_sample_is_refused_naming_file_and_field(
 def test_bad_widths_are_refused(tmp_path, table):
     _, good = table
     bad = json.loads(json.dumps(good))
-    bad['blocks'][1]['kernels']['3']['widths'] = [4, 4]
+    widths = bad['blocks'][1]['kernels']['3']['widths']
+    widths[1] = widths[0]  # one sample per width still, not increasing
     with pytest.raises(ValueError, match=r"blocks\[1\]\.kernels\['3'\]\."
-                       r"widths = \[4, 4\]: must be increasing"):
+                       rf"widths = \[{widths[0]}, {widths[0]}, .*\]: must be "
+                       r"increasing"):
         LatencyCost(write(tmp_path, bad))
 
 
