@@ -165,6 +165,9 @@ def main():
     parser.add_argument('--searched', nargs=2, action='append', default=[],
                         metavar=('CONFIG', 'CHECKPOINT'),
                         help='a searched net (repeatable)')
+    parser.add_argument('--searched-size', type=int,
+                        help='time the searched nets (and their references) '
+                        'at this image side instead of their config\'s')
     parser.add_argument('--runtimes', nargs='+',
                         default=['onnxruntime', 'pytorch'],
                         choices=['onnxruntime', 'pytorch'])
@@ -189,10 +192,13 @@ def main():
         m = zoo_net(name)
         imagenet[name] = (m, flops(m, 3, (224, 224)))
     pairs = [('atomnas_a', 'MobileNetV2 1.0')]
+    shrunk = []  # (searched net, its config's unsearched model)
     for cfg_path, ckpt in args.searched:
         cfg = Config.fromfile(cfg_path)
         model = build_from_checkpoint(cfg, ckpt)
         channels, size = input_channels(model), input_size(cfg)
+        if args.searched_size:  # the same widths on larger images
+            size = (args.searched_size, args.searched_size)
         group = groups.setdefault((channels, size), {})
         name = osp.splitext(osp.basename(ckpt))[0]
         group[name] = (model, flops(model, channels, size))
@@ -200,6 +206,16 @@ def main():
                                            model.head.fc.out_features)
         group[f'MobileNetV2 {widen}'] = (ref, flops(ref, channels, size))
         pairs.append((name, f'MobileNetV2 {widen}'))
+        full_name = f'{osp.splitext(osp.basename(cfg_path))[0]} unsearched'
+        if full_name not in group:
+            from mmengine.registry import init_default_scope
+            from mmpretrain.registry import MODELS
+            init_default_scope(cfg.get('default_scope', 'mmpretrain'))
+            full = MODELS.build(cfg.model)
+            full.eval()
+            group[full_name] = (randomise_bn(full), flops(full, channels,
+                                                          size))
+        shrunk.append((name, full_name))
 
     tmp = tempfile.mkdtemp(prefix='bench_deploy_')
     results = {}   # (runtime, group, batch) -> {name: img/s}
@@ -287,6 +303,19 @@ def main():
                         goal = 'met' if ratio >= 1.0 else 'NOT met'
                         print(f'{runtime} batch {batch}: {a} / {b} = '
                               f'{ratio:.2f}x (goal >= 1.0: {goal})')
+            # a shrunk net's time should fall at least 0.7x as fast as its
+            # FLOPs: (1 - t/t_full) >= 0.7 (1 - F/F_full)
+            for a, b in shrunk:
+                for (rt, g, bt), ips in results.items():
+                    if rt == runtime and bt == batch and a in ips \
+                            and b in ips:
+                        nets = groups[g]
+                        fall_t = 1 - ips[b] / ips[a]
+                        fall_f = 1 - nets[a][1] / nets[b][1]
+                        print(f'{runtime} batch {batch}: {a} vs {b}: time '
+                              f'{-fall_t:+.0%}, FLOPs {-fall_f:+.0%}, ratio '
+                              f'{fall_t / fall_f:.2f} (goal >= 0.7: '
+                              f'{"met" if fall_t >= 0.7 * fall_f else "NOT met"})')
 
 
 if __name__ == '__main__':

@@ -1,11 +1,13 @@
 """(c) Hook overhead: BNL1PenaltyHook + AtomShrinkHook vs plain training.
 
 A real mmengine Runner trains the demo supernet (28x28 grey, batch 32) on a
-tiny in-memory dataset, iteration-based. Variants, interleaved run by run:
+tiny in-memory dataset, iteration-based; ``--backbone mbv2``: mmpretrain's
+MobileNetV2 1.0 as the stock-model demo trains it (28x28, 3 channels), its
+channel units searched. Variants, interleaved run by run:
   * plain: no AtomNAS hooks,
   * penalty: BNL1PenaltyHook (rho as in the demo, weight decay off),
   * penalty + shrink: also AtomShrinkHook checking every ``--interval``
-    iterations, with ``min_removed_flops=inf`` and ``final_shrink=False`` so
+    iterations, with ``min_removed_flops=1e30`` and ``final_shrink=False`` so
     that no shrink fires (the check itself, plan and FLOPs, is timed).
 The time per iteration is measured inside ``runner.train()`` between the
 ``--warmup``-th and the last iteration; the median over ``--reps`` runs of
@@ -37,9 +39,10 @@ from mmpretrain.structures import DataSample  # noqa: E402
 class TinyDataset(Dataset):
     """Random 28x28 grey images with labels, in memory (uint8)."""
 
-    def __init__(self, n, size=28, num_classes=10):
+    def __init__(self, n, size=28, num_classes=10, channels=1):
         g = torch.Generator().manual_seed(0)
-        self.images = torch.randint(0, 256, (n, 1, size, size), generator=g,
+        self.images = torch.randint(0, 256, (n, channels, size, size),
+                                    generator=g,
                                     dtype=torch.uint8)
         self.labels = torch.randint(0, num_classes, (n, ), generator=g)
 
@@ -80,16 +83,21 @@ def run_once(hooks, args, work_dir):
     timer = IterTimer(args.warmup)
     # One epoch covers the run: mmengine's iteration loop sleeps 2 s at every
     # restart of a finite dataloader.
-    loader = DataLoader(TinyDataset(args.batch * (args.iters + 1)),
+    stock = args.backbone == 'mbv2'
+    loader = DataLoader(TinyDataset(args.batch * (args.iters + 1),
+                                    channels=3 if stock else 1),
                         batch_size=args.batch, shuffle=True,
                         collate_fn=pseudo_collate, num_workers=0)
     model = dict(
         type='ImageClassifier',
-        data_preprocessor=dict(num_classes=10, mean=[72.94], std=[90.02]),
-        backbone=dict(type='atomnas_mm.AtomNAS', arch=DEMO['arch'],
-                      in_channels=1),
+        data_preprocessor=dict(num_classes=10, mean=[72.94] * (3 if stock
+                                                               else 1),
+                               std=[90.02] * (3 if stock else 1)),
+        backbone=dict(type='MobileNetV2', widen_factor=1.0) if stock else
+        dict(type='atomnas_mm.AtomNAS', arch=DEMO['arch'], in_channels=1),
         neck=dict(type='GlobalAveragePooling'),
-        head=dict(type='LinearClsHead', num_classes=10, in_channels=256,
+        head=dict(type='LinearClsHead', num_classes=10,
+                  in_channels=1280 if stock else 256,
                   loss=dict(type='CrossEntropyLoss')))
     runner = Runner(
         model=model, work_dir=work_dir, train_dataloader=loader,
@@ -114,11 +122,13 @@ def main():
     parser.add_argument('--interval', type=int, default=50,
                         help='AtomShrinkHook check interval (iterations); '
                              'the demo config uses 100')
+    parser.add_argument('--backbone', default='atomnas',
+                        choices=['atomnas', 'mbv2'])
     args = parser.parse_args()
     penalty = dict(type='atomnas_mm.BNL1PenaltyHook', rho=3e-3,
                    warmup_iters=50)
     shrink = dict(type='atomnas_mm.AtomShrinkHook', threshold=1e-3,
-                  min_removed_flops=float('inf'), interval=args.interval,
+                  min_removed_flops=1e30, interval=args.interval,
                   by_epoch=False, input_size=28, final_shrink=False)
     variants = {'plain': [], 'penalty': [penalty],
                 'penalty + shrink': [penalty, shrink]}
@@ -137,7 +147,9 @@ def main():
              f'{(med[n] / med["plain"] - 1) * 100:+.1f}%']
             for n in variants]
     print_table(['variant', 'ms/iter (median)', 'runs', 'overhead vs plain'],
-                rows, title=f'(c) hook overhead, demo supernet, batch '
+                rows, title='(c) hook overhead, ' + (
+                    'mmpretrain MobileNetV2 1.0' if args.backbone == 'mbv2'
+                    else 'demo supernet') + f', batch '
                             f'{args.batch}, {args.iters - args.warmup} timed '
                             f'iters/run, {environment()}')
     over = med['penalty + shrink'] / med['plain'] - 1
