@@ -189,6 +189,7 @@ def test_bad_ort_tables_and_options_are_refused(measured, tmp_path):
         run.stderr
 
 
+@pytest.mark.slow  # a subprocess through atom_latency_table.py
 def test_tool_measures_in_onnxruntime(tmp_path):
     """The user path: --runtime onnxruntime on a tiny config, then --predict
     from the written table (whole nets measured in ONNX Runtime)."""
