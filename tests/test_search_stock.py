@@ -198,3 +198,27 @@ def test_stock_search_resumes_and_runs_on_two_gloo_ranks(tmp_path):
     ckpt = torch.load(dist / 'epoch_2.pth', weights_only=True)
     assert target <= ckpt['meta']['atomnas_history'][-1]['flops'] <= \
         1.02 * target
+
+
+@pytest.mark.slow
+def test_stock_search_with_mmpretrain_s_own_tools(tmp_path):
+    """mmpretrain's own tools/train.py and tools/test.py (from its package)
+    on the shipped MobileNetV2 search config, tiny data: the budget lands in
+    [T, 1.02T] and its test tool loads the narrowed checkpoint."""
+    import mmpretrain
+    tools = osp.join(osp.dirname(mmpretrain.__file__), '.mim', 'tools')
+    if not osp.isfile(osp.join(tools, 'train.py')):
+        pytest.skip(f'mmpretrain has no packaged tools in {tools}')
+    cfg, full, target = tiny_mbv2_search(tmp_path)
+    work = tmp_path / 'work'
+    log = run([osp.join(tools, 'train.py'), str(cfg), '--work-dir',
+               str(work)], tmp_path)
+    assert re.search(r'AtomShrinkHook: removed \d+ atoms', log)
+    ckpt = torch.load(work / 'epoch_2.pth', weights_only=True)
+    history = ckpt['meta']['atomnas_history']
+    assert history[0]['flops'] == full
+    assert target <= history[-1]['flops'] <= 1.02 * target
+    log = run([osp.join(tools, 'test.py'), str(cfg), str(work / 'epoch_2.pth'),
+               '--work-dir', str(tmp_path / 'test')], tmp_path)
+    assert 'channel units narrowed to the checkpoint widths' in log
+    assert re.search(r'accuracy/top1: [0-9.]+', log)
