@@ -26,6 +26,20 @@ def export(cfg, ckpt, out, shape=(SHAPE, SHAPE)):
     return verify_onnx(module, out, shape)
 
 
+def matches_pytorch(out, model, batches):
+    """Assert the ONNX file ``out`` gives ``model``'s logits (1e-4) at every
+    batch size of ``batches``; return its session."""
+    session = ort.InferenceSession(out, providers=['CPUExecutionProvider'])
+    for n in batches:
+        x = torch.randn(n, 3, SHAPE, SHAPE)
+        with torch.no_grad():
+            expected = model(x, mode='tensor').numpy()
+        got = session.run(None, {'input': x.numpy()})[0]
+        assert got.shape == (n, 7)
+        assert abs(got - expected).max() < 1e-4
+    return session
+
+
 def write_model(tmp_path, arch, config_arch=None, in_channels=None):
     """A config (with ``config_arch``) and a checkpoint (with ``arch``)."""
     backbone = dict(type='atomnas_mm.AtomNAS', arch=config_arch or arch)
@@ -70,15 +84,8 @@ def test_onnx_matches_pytorch(tmp_path, tiny_arch, plus):
     assert max(errors.values()) < 1e-4, errors
 
     # Independent check against the model we wrote (batch 1 and 3).
-    session = ort.InferenceSession(out, providers=['CPUExecutionProvider'])
-    assert session.get_inputs()[0].shape[0] == 'batch'
-    for n in (1, 3):
-        x = torch.randn(n, 3, SHAPE, SHAPE)
-        with torch.no_grad():
-            expected = model(x, mode='tensor').numpy()
-        got = session.run(None, {'input': x.numpy()})[0]
-        assert got.shape == (n, 7)
-        assert abs(got - expected).max() < 1e-4
+    assert matches_pytorch(out, model, (1, 3)).get_inputs()[0].shape[0] == \
+        'batch'
 
 
 def test_grey_input(tmp_path, tiny_arch):
@@ -203,14 +210,7 @@ def test_onnx_tool_pads_and_matches_pytorch(tmp_path, tiny_arch):
     assert dw[0] == 8 and dw[1:] and all(c % 16 == 0 for c in dw[1:]), dw
     assert sum(dw[1:]) > sum(sum(r[4]) for r in arch['rows'][1:])
 
-    session = ort.InferenceSession(out, providers=['CPUExecutionProvider'])
-    for n in (1, 4):
-        x = torch.randn(n, 3, SHAPE, SHAPE)
-        with torch.no_grad():
-            expected = model(x, mode='tensor').numpy()
-        got = session.run(None, {'input': x.numpy()})[0]
-        assert got.shape == (n, 7)
-        assert abs(got - expected).max() < 1e-4
+    matches_pytorch(out, model, (1, 4))
 
 
 @pytest.mark.slow  # a subprocess through tools/deployment/pytorch2onnx.py
