@@ -217,14 +217,16 @@ class AtomShrinkHook(Hook):
         decision = [None, None, False]
         if is_main_process():
             strengths = atom_strengths(model, self.criterion, ema,
-                                       final=final and ema is not None)
+                                       final=final and ema is not None,
+                                       units=units)
             if self.controller is None:
                 plan = plan_from_strengths(model, strengths, self.criterion,
-                                           round_to=self.round_to)
+                                           units, round_to=self.round_to)
                 lands = False
             else:
-                plan, lands = self._budget_plan(runner, model, strengths,
-                                                final, widths, costs)
+                plan, lands = self._budget_plan(runner, model, units,
+                                                strengths, final, widths,
+                                                costs)
             decision = [plan, None if self.controller is None
                         else self.controller.scale, lands]
         broadcast_object_list(decision)
@@ -234,7 +236,8 @@ class AtomShrinkHook(Hook):
         return plan, removed_cost(model, plan, self.cost, costs), lands, \
             costs
 
-    def _budget_plan(self, runner, model, strengths, final, widths, costs):
+    def _budget_plan(self, runner, model, units, strengths, final, widths,
+                     costs):
         """Steer the penalty from the live cost; cap the plan at the target
         (at the deadline and at the end: remove the weakest atoms down to
         it). Returns the plan and whether it leaves the net on the target."""
@@ -244,7 +247,8 @@ class AtomShrinkHook(Hook):
         # lags the penalty by its averaging window, a controller would wind
         # up waiting for it.
         dead_now = plan_from_strengths(
-            model, atom_strengths(model, self.criterion), self.criterion)
+            model, atom_strengths(model, self.criterion, units=units),
+            self.criterion, units)
         live = total - removed_cost(model, dead_now, self.cost, costs)
         progress = (runner.iter + 1) / runner.max_iters
         if not self.follow_path:  # the removals follow the path instead
