@@ -22,7 +22,7 @@ import math
 import torch
 
 from ..registry import SEARCH
-from .costs import FLOPsCost, LatencyCost, ParamsCost
+from .costs import FLOPsCost, ParamsCost, latency_cost
 from .policy import check_number
 
 TARGET_KEYS = ('flops', 'params', 'latency_ms')
@@ -47,7 +47,10 @@ class BudgetController:
         max_scale (float): The largest factor on the penalty schedule.
         input_size (int): Image side for FLOPs.
         latency_table (str | dict, optional): The table of a latency target
-            (``tools/analysis_tools/atom_latency_table.py``).
+            (``tools/analysis_tools/atom_latency_table.py``): per AtomNAS
+            block (:class:`~atomnas_mm.search.costs.LatencyCost`) or per
+            layer of a stock model's channel units
+            (:class:`~atomnas_mm.search.costs.LayerLatencyCost`).
         round_to (int): Every shrink leaves each channel group's width a
             multiple of this (a group narrower than it keeps its width);
             the range, the cap and the deadline's cut count with it.
@@ -87,7 +90,7 @@ class BudgetController:
             if latency_table is None:
                 raise ValueError('latency_table: a latency_ms target needs '
                                  'the table measured on the target device')
-            self.cost = LatencyCost(latency_table)
+            self.cost = latency_cost(latency_table)
         elif self.key == 'flops':
             self.cost = FLOPsCost(input_size)
         else:

@@ -12,7 +12,11 @@ budget. A cost model is a small registered part (registry
 FLOPs and params of a block are the sums of its atoms' costs; a model whose
 block cost is not (latency) also defines ``block_cost_fns(backbone)``, per
 block a function of its ``[(kernel, width), ...]`` (see
-:func:`block_cost_fns`).
+:func:`block_cost_fns`). The channel units of stock models are costed per
+conv / linear layer: ``layer_positions(root)`` (what a layer's cost needs
+to know of it) and ``layer_cost(layer, c_in, c_out, groups, positions)``
+(:func:`width_cost`); FLOPs, params and a per-layer latency table
+(:class:`LayerLatencyCost`) have them.
 
 Counting convention (docs/method.md, "Counting"): FLOPs are multiply-adds of
 every Conv2d and Linear plus ``C*H*W`` for every global average pooling;
@@ -99,6 +103,12 @@ class FLOPsCost:
             return positions * c_in * c_out
         kh, kw = layer.kernel_size
         return positions * kh * kw * (c_in // groups) * c_out
+
+    @staticmethod
+    def pool_cost(positions, channels):
+        """A global average pooling of ``channels`` maps of ``positions``
+        (an SE's squeeze)."""
+        return positions * channels
 
 
 @SEARCH.register_module()
@@ -237,17 +247,12 @@ class LatencyCost:
     """
 
     def __init__(self, table):
-        self.source = table if isinstance(table, str) else \
-            'the table given as a dict'
-        if isinstance(table, str):
-            import json
-            try:
-                with open(table) as f:
-                    table = json.load(f)
-            except (OSError, ValueError) as e:
-                raise ValueError(f'table: cannot read the latency table '
-                                 f'{table}: {e}') from None
-        if not isinstance(table, dict) or 'blocks' not in table:
+        table, self.source = load_table(table)
+        if table.get('kind') == 'layers':
+            raise ValueError(f'table: {self.source} is a per-layer table '
+                             '(kind "layers", a stock model\'s channel '
+                             'units): its cost model is LayerLatencyCost')
+        if 'blocks' not in table:
             raise ValueError('table: not a latency table (no "blocks")')
         if table.get('version') != TABLE_VERSION:
             raise ValueError(
@@ -394,6 +399,41 @@ def export_parts(entry, groups, align, merge='merged'):
              sum(groups[g][1] for g in part)) for part in parts]
 
 
+def load_table(table):
+    """``(table dict, how to name it)`` from a latency table or its JSON
+    path."""
+    source = table if isinstance(table, str) else 'the table given as a dict'
+    if isinstance(table, str):
+        import json
+        try:
+            with open(table) as f:
+                table = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ValueError(f'table: cannot read the latency table '
+                             f'{table}: {e}') from None
+    if not isinstance(table, dict):
+        raise ValueError(f'table: {source} is not a latency table (a JSON '
+                         f'object), got {type(table).__name__}')
+    return table, source
+
+
+def latency_cost(table):
+    """The cost model of a latency table: :class:`LayerLatencyCost` for a
+    per-layer table (``kind: "layers"``, a stock model's channel units),
+    else :class:`LatencyCost` (per AtomNAS block)."""
+    layers = load_table(table)[0].get('kind') == 'layers'
+    return (LayerLatencyCost if layers else LatencyCost)(table)
+
+
+def _running_max(values, start=float('-inf')):
+    """``values`` with every element raised to the largest before it (and
+    to ``start``): timing noise removed from a curve that cannot fall."""
+    out = []
+    for value in values:
+        out.append(max(value, out[-1] if out else start))
+    return out
+
+
 def _monotone(table):
     """A copy of ``table`` whose curves never fall with width (timing noise
     removed by a running maximum) and whose bases are at most their
@@ -407,12 +447,8 @@ def _monotone(table):
         entry['base_ms'] = lowest
         for curve in entry['kernels'].values():
             for key in ('ms', 'off_ms'):
-                running = []
-                for ms in curve.get(key, ()):
-                    running.append(max(ms, running[-1] if running else
-                                       lowest))
                 if key in curve:
-                    curve[key] = running
+                    curve[key] = _running_max(curve[key], lowest)
     return table
 
 
@@ -423,6 +459,170 @@ def _interp(x, xs, ys):
             x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
             return y0 + (y1 - y0) * (x - x0) / max(x1 - x0, 1e-12)
     return ys[-1]
+
+
+LAYER_TABLE_VERSION = 1
+
+
+def layer_geometry(layer):
+    """What a per-layer latency table records of a Conv2d / Linear: its
+    type, channels, kernel, stride and groups."""
+    if isinstance(layer, nn.Linear):
+        return dict(type='Linear', in_channels=layer.in_features,
+                    out_channels=layer.out_features)
+    return dict(type='Conv2d', in_channels=layer.in_channels,
+                out_channels=layer.out_channels,
+                kernel_size=list(layer.kernel_size),
+                stride=list(layer.stride), groups=layer.groups)
+
+
+def is_depthwise(layer):
+    """A depthwise conv: one input and one output channel per group (its
+    channels follow one unit)."""
+    return isinstance(layer, nn.Conv2d) and layer.groups > 1 and \
+        layer.groups == layer.in_channels == layer.out_channels
+
+
+@SEARCH.register_module()
+class LayerLatencyCost:
+    """Latency (ms) of a stock model searched by channel units, from a
+    per-layer table measured on the deployment device.
+
+    The table (``tools/analysis_tools/atom_latency_table.py`` on a config
+    without an AtomNAS backbone; ``kind: "layers"``) holds, for every
+    Conv2d / Linear whose input or output channels are a channel unit's
+    (the layers :func:`width_cost` costs), its latency alone (BN folded
+    into it, as deployed) at a grid of input x output widths: both axes
+    when both are units', one when one is (a depthwise conv: its channels),
+    at its input resolution and batch in the model. ``fixed_ms`` is the
+    whole counted module (:func:`search_root`) measured at full width less
+    its layers' latencies: what no width changes (BN and activations as
+    the runtime runs them, additions, pooling, layers of no unit). A model
+    costs ``fixed_ms`` plus every layer's latency at its widths,
+    interpolated bilinearly between the samples (a conv's time is about
+    ``a + b * c_in * c_out``; linearly past the last sample, never below
+    0). The samples are made monotone (a running maximum along both axes):
+    fewer channels never predict more latency.
+
+    Args:
+        table (str | dict): The JSON table or its path.
+    """
+
+    def __init__(self, table):
+        table, self.source = load_table(table)
+        if table.get('kind') != 'layers':
+            raise ValueError(f'table: {self.source} is not a per-layer table '
+                             '(kind "layers"); a per-block table of an '
+                             'AtomNAS backbone is costed by LatencyCost')
+        if table.get('version') != LAYER_TABLE_VERSION:
+            raise ValueError(
+                f'table: version {table.get("version")!r} in {self.source}, '
+                f'expected {LAYER_TABLE_VERSION}; measure it again with '
+                'tools/analysis_tools/atom_latency_table.py')
+        from .latency import check_layer_table
+        check_layer_table(table, self.source)
+        import copy
+        self.table = copy.deepcopy(table)
+        for entry in self.table['layers']:
+            rows = [_running_max(row) for row in entry['ms']]
+            columns = [_running_max(col) for col in zip(*rows)]
+            entry['ms'] = [list(row) for row in zip(*columns)]
+        self.entries = {e['name']: e for e in self.table['layers']}
+        self.runtime = self.table.get('runtime', 'torch')
+
+    def layer_positions(self, root):
+        """``{layer: (name, table entry or None)}`` of every Conv2d and
+        Linear of ``root``; every layer of the table must be in ``root``
+        with its geometry (channels at most the measured ones along a
+        sampled axis, as measured along a fixed one).
+
+        Raises:
+            ValueError: Naming the first layer that does not match.
+        """
+        modules = dict(root.named_modules())
+        for name, entry in self.entries.items():
+            layer = modules.get(name)
+            if not isinstance(layer, (nn.Conv2d, nn.Linear)):
+                raise ValueError(
+                    f'table: {self.source} has layer {name!r}, which '
+                    f'{type(root).__name__} has not (as a Conv2d / Linear): '
+                    'measured for another model; measure its table with '
+                    'tools/analysis_tools/atom_latency_table.py')
+            self._check_geometry(name, entry, layer)
+        return {layer: (name, self.entries.get(name))
+                for name, layer in modules.items()
+                if isinstance(layer, (nn.Conv2d, nn.Linear))}
+
+    def _check_geometry(self, name, entry, layer):
+        have = layer_geometry(layer)
+        measured = {k: entry.get(k) for k in have if k not in (
+            'in_channels', 'out_channels', 'groups')}
+        same = all(have[k] == v for k, v in measured.items())
+        if entry['depthwise']:
+            # (at one channel a depthwise conv has one group)
+            same = same and have['groups'] == have['in_channels'] == \
+                have['out_channels'] <= entry['out_channels']
+        else:
+            same = same and have.get('groups', 1) == entry.get('groups', 1)
+            for key, widths in (('in_channels', entry['in_widths']),
+                                ('out_channels', entry['out_widths'])):
+                same = same and (have[key] <= widths[-1] if len(widths) > 1
+                                 else have[key] == widths[0])
+        if not same:
+            raise ValueError(
+                f'table: layer {name!r} was measured as '
+                f'{self.describe(entry)}, the model has {have} (in '
+                f'{self.source}); measure a table for this model')
+
+    @staticmethod
+    def describe(entry):
+        """A table entry's geometry and sampled widths, for messages."""
+        return {k: entry[k] for k in ('type', 'in_channels', 'out_channels',
+                                      'kernel_size', 'stride', 'groups',
+                                      'in_widths', 'out_widths')
+                if k in entry}
+
+    def layer_cost(self, layer, c_in, c_out, groups, positions):
+        """The latency of ``layer`` with ``c_in`` / ``c_out`` channels
+        (a depthwise conv: ``c_out``), ``positions`` its
+        :meth:`layer_positions` entry."""
+        name, entry = positions
+        if entry is None:
+            raise ValueError(
+                f'table: {self.source} has no layer {name!r}, whose channels '
+                "are a unit's: measured before this model's units were "
+                'found as now; measure the table again with '
+                'tools/analysis_tools/atom_latency_table.py')
+        if entry['depthwise']:
+            return self.grid_ms(entry, entry['in_widths'][0], c_out)
+        for width, widths, axis in ((c_in, entry['in_widths'], 'input'),
+                                    (c_out, entry['out_widths'], 'output')):
+            if len(widths) == 1 and width != widths[0]:
+                raise ValueError(
+                    f'table: layer {name!r} was measured at {widths[0]} '
+                    f'{axis} channels only (they were no unit\'s), asked for '
+                    f'{width} (in {self.source}); measure the table again '
+                    'with tools/analysis_tools/atom_latency_table.py')
+        return self.grid_ms(entry, c_in, c_out)
+
+    @staticmethod
+    def grid_ms(entry, c_in, c_out):
+        """Bilinear interpolation of ``entry``'s samples (at least 0)."""
+        rows = [_interp(c_out, entry['out_widths'], row)
+                for row in entry['ms']]
+        return max(0.0, _interp(c_in, entry['in_widths'], rows))
+
+    def total(self, root):
+        positions = self.layer_positions(root)
+        return self.table['fixed_ms'] + sum(
+            self.layer_cost(layer, *_layer_widths(layer), None, where)
+            for layer, where in positions.items() if where[1] is not None)
+
+
+def _layer_widths(layer):
+    if isinstance(layer, nn.Linear):
+        return layer.in_features, layer.out_features
+    return layer.in_channels, layer.out_channels
 
 
 # -- the cost of a searched model as a function of its unit widths ----------
@@ -501,6 +701,41 @@ def search_root(model):
     return backbone if isinstance(backbone, nn.Module) else model
 
 
+def unit_layers(model, units):
+    """The Conv2d / Linear layers of ``model`` (unwrapped) that channel
+    ``units`` (no AtomNAS atoms) resize, inside the counted module
+    (:func:`search_root`): ``[(layer, src, dst, depthwise)]``, ``src`` /
+    ``dst`` the name of the unit its input / output channels are (or None),
+    a depthwise conv following its unit.
+
+    Raises:
+        SearchRefused: A layer of a unit outside the counted module (but a
+            reader: its input is not counted).
+    """
+    root = search_root(model)
+    inside = {id(m) for m in root.modules()}
+    layers = {}  # id -> [layer, in unit, out unit, depthwise]
+    for name, unit in units.items():
+        for layer in unit.producers:
+            if isinstance(layer, (nn.Conv2d, nn.Linear)):
+                entry = layers.setdefault(id(layer),
+                                          [layer, None, None, False])
+                entry[2] = name
+                entry[3] = isinstance(layer, nn.Conv2d) and \
+                    layer.groups > 1 and layer.groups == layer.in_channels
+        readers = {id(layer) for layer, _ in unit.consumers}
+        for layer, _ in unit.consumers:
+            if id(layer) in inside:  # a reader outside is not counted
+                layers.setdefault(id(layer),
+                                  [layer, None, None, False])[1] = name
+        for layer in unit.modules():
+            if id(layer) not in inside and id(layer) not in readers:
+                raise SearchRefused(
+                    f'{name}: a layer of this unit is outside the counted '
+                    f'module {type(root).__name__}')
+    return [tuple(entry) for entry in layers.values()]
+
+
 def width_cost(model, cost, units, total):
     """:class:`WidthCost` of ``units`` of ``model`` (unwrapped) by ``cost``.
 
@@ -508,13 +743,20 @@ def width_cost(model, cost, units, total):
         total (float): The model's cost now (``backbone_cost``).
 
     Raises:
-        SearchRefused: A latency cost for units that are not AtomNAS atoms
-            (the latency tables are measured per AtomNAS block), or a unit
-            outside the counted module.
+        SearchRefused: A cost without layer costs (a per-block latency
+            table) for units that are not AtomNAS atoms, one without block
+            costs (a per-layer table) for AtomNAS atoms, or a unit outside
+            the counted module.
     """
     terms, fns = [], {}
     atom_units = {n: u for n, u in units.items() if isinstance(u, AtomUnit)}
     if atom_units:
+        if not hasattr(cost, 'atom_costs'):
+            raise SearchRefused(
+                f'{type(cost).__name__}: costs the layers of channel units '
+                f'only; {next(iter(atom_units))} and the other AtomNAS '
+                'blocks need a per-block latency table (LatencyCost: '
+                'atom_latency_table.py on the AtomNAS config)')
         from .shrink import find_backbones
         for backbone in find_backbones(model).values():
             for block, fn in zip(backbone.blocks(),
@@ -531,39 +773,20 @@ def width_cost(model, cost, units, total):
             raise SearchRefused(
                 f'{type(cost).__name__}: costs AtomNAS blocks only; '
                 f'{next(iter(channel_units))} and the other units of this '
-                'model are searched to a flops or params target')
-        root = search_root(model)
-        inside = {id(m) for m in root.modules()}
-        positions = cost.layer_positions(root)
-        layers = {}  # id -> [layer, in unit, out unit, depthwise]
-        for name, unit in channel_units.items():
-            for layer in unit.producers:
-                if isinstance(layer, (nn.Conv2d, nn.Linear)):
-                    entry = layers.setdefault(id(layer),
-                                              [layer, None, None, False])
-                    entry[2] = name
-                    entry[3] = isinstance(layer, nn.Conv2d) and \
-                        layer.groups > 1 and \
-                        layer.groups == layer.in_channels
-            readers = {id(layer) for layer, _ in unit.consumers}
-            for layer, _ in unit.consumers:
-                if id(layer) in inside:  # a reader outside is not counted
-                    layers.setdefault(id(layer),
-                                      [layer, None, None, False])[1] = name
-            for layer in unit.modules():
-                if id(layer) not in inside and id(layer) not in readers:
-                    raise SearchRefused(
-                        f'{name}: a layer of this unit is outside the '
-                        f'counted module {type(root).__name__}')
-        for layer, src, dst, depthwise in layers.values():
+                'model are searched to a flops or params target, or to a '
+                'latency target with a per-layer table (atom_latency_table.py '
+                'on this config)')
+        positions = cost.layer_positions(search_root(model))
+        for layer, src, dst, depthwise in unit_layers(model, channel_units):
             names = tuple(n for n in dict.fromkeys((src, dst)) if n)
             terms.append((names, _layer_term(cost, layer, src, dst, depthwise,
                                              positions.get(layer, 0))))
+        pool_cost = getattr(cost, 'pool_cost', None)  # FLOPs only
         for name, unit in channel_units.items():
-            if unit.pooled is not None and positions:  # FLOPs only
+            if unit.pooled is not None and pool_cost is not None:
                 per = positions.get(unit.pooled, 0)
                 terms.append(((name, ), lambda state, name=name, per=per:
-                              per * state[name][0]))
+                              pool_cost(per, state[name][0])))
     return WidthCost(total, units, terms)
 
 

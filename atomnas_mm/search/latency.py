@@ -31,7 +31,9 @@ import torch
 from torch.utils import benchmark
 
 from ..models.blocks import AtomicBlock
-from .costs import FORMS, RUNTIMES, TABLE_VERSION, LatencyCost
+from .costs import (FORMS, LAYER_TABLE_VERSION, RUNTIMES, TABLE_VERSION,
+                    LatencyCost, LayerLatencyCost, is_depthwise,
+                    latency_cost, layer_geometry, search_root, unit_layers)
 
 
 def measure_ms(module, x, min_run_time=0.1):
@@ -48,7 +50,7 @@ def measure_ms(module, x, min_run_time=0.1):
 
 def onnx_bytes(module, x, opset=17):
     """``module`` (eval mode) exported to ONNX in memory, input ``x``."""
-    module = module.eval()
+    module.eval()  # (some backbones' train() returns None)
     buffer = io.BytesIO()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter('ignore')  # the legacy exporter, on purpose
@@ -408,26 +410,317 @@ def measure_net_ms(table, net, device='cpu', min_run_time=0.2):
                           x, table.get('threads', 1), min_run_time)
 
 
-def compare(table, backbones, device='cpu', batch=None, min_run_time=0.2,
+def compare(table, nets, device='cpu', batch=None, min_run_time=0.2,
             repeats=3):
-    """``[(name, predicted ms, measured ms)]`` for named backbones, each
-    measured whole in the table's runtime (``batch``: the table's), the
+    """``[(name, predicted ms, measured ms)]`` for named nets (AtomNAS
+    backbones for a per-block table, counted modules for a per-layer one),
+    each measured whole in the table's runtime (``batch``: the table's), the
     median of ``repeats`` measurements taken in turns (a shared machine's
     load moves in seconds)."""
-    cost = LatencyCost(table)
+    cost = latency_cost(table)
     if batch is not None and batch != cost.table.get('batch', 1):
         raise ValueError(f'batch: {batch}, the table was measured at batch '
                          f'{cost.table.get("batch", 1)}')
-    times = {name: [] for name in backbones}
+    measure = measure_model_ms if isinstance(cost, LayerLatencyCost) else \
+        measure_net_ms
+    times = {name: [] for name in nets}
     for _ in range(repeats):
-        for name, net in backbones.items():
-            times[name].append(measure_net_ms(cost.table, net, device,
-                                              min_run_time))
+        for name, net in nets.items():
+            times[name].append(measure(cost.table, net, device,
+                                       min_run_time))
     return [(name, cost.total(net), statistics.median(times[name]))
-            for name, net in backbones.items()]
+            for name, net in nets.items()]
+
+
+# -- per-layer tables of stock models (LayerLatencyCost) ---------------------
+def deployed_root(root, runtime):
+    """A copy of ``root`` in eval mode as the table's runtime runs it: BN
+    folded into the convs before it (``torch``: mmcv's ``fuse_conv_bn``, as
+    mmdet's ``test.py --fuse-conv-bn``; ONNX Runtime folds it itself)."""
+    root = copy.deepcopy(root)
+    root.train(False)  # some backbones' train() returns None
+    if runtime == 'torch':
+        from mmcv.cnn import fuse_conv_bn
+        root = fuse_conv_bn(root)
+    return root
+
+
+def measure_model_ms(table, root, device='cpu', min_run_time=0.2):
+    """The whole ``root``'s latency the way the per-layer ``table`` was
+    measured (its runtime, threads and input shape)."""
+    x = torch.randn(table['input_shape'], device=device)
+    net = deployed_root(root, table.get('runtime', 'torch'))
+    if table.get('runtime', 'torch') == 'torch':
+        return measure_ms(net.to(device), x, min_run_time)
+    return measure_ms_ort(net, x, table.get('threads', 1), min_run_time)
+
+
+def _layer_like(layer, c_in, c_out):
+    """A fresh layer of ``layer``'s kind with these widths and a bias (a
+    folded BN's); a depthwise conv stays depthwise (``c_out`` channels)."""
+    if isinstance(layer, torch.nn.Linear):
+        return torch.nn.Linear(c_in, c_out)
+    groups = 1
+    if is_depthwise(layer):
+        c_in = groups = c_out
+    return torch.nn.Conv2d(c_in, c_out, layer.kernel_size, layer.stride,
+                           layer.padding, layer.dilation, groups, True,
+                           layer.padding_mode)
+
+
+def layer_widths(full, samples, step=1):
+    """Widths a layer is measured at along a unit's axis: those of
+    :func:`sample_widths`, at most ``full``, and ``full``."""
+    return sorted({min(w, full) for w in sample_widths(full, samples, step)}
+                  | {full})
+
+
+def measure_layer_table(model, input_shape, device='cpu', runtime='torch',
+                        samples=4, step=1, min_run_time=0.1, threads=None,
+                        progress=True, units=None, repeats=3,
+                        calibrate=3):
+    """Measure the per-layer latency table of ``model``'s channel units for
+    :class:`~atomnas_mm.search.costs.LayerLatencyCost`.
+
+    Every Conv2d / Linear a unit resizes (:func:`~atomnas_mm.search.costs.
+    unit_layers`, the layers the search costs) is rebuilt alone with a bias
+    (the folded BN's) at a grid of widths (``samples`` + 1 along each axis
+    that is a unit's; a depthwise conv: its channels) and timed on an input
+    of its shape in the model; the counted module
+    (:func:`~atomnas_mm.search.costs.search_root`) is timed whole, BN
+    folded (:func:`deployed_root`), at full width and at ``calibrate``
+    narrower widths. Layers timed alone miss what the whole graph fuses or
+    adds (ONNX Runtime fuses a conv with its activation and addition; a
+    call alone has its own overhead): one factor on every sample
+    (``scale``) fits how the whole nets' times change with the sum of their
+    layers' samples, and ``fixed_ms`` is what the scaled layers at full
+    width leave of the full net (:func:`fit_layers`).
+
+    Args:
+        model (nn.Module): The model (unwrapped), at full width.
+        input_shape (tuple[int]): The counted module's input
+            ``(batch, C, H, W)``.
+        device (str): ``'cpu'`` or ``'cuda'`` (``onnxruntime``: ``'cpu'``).
+        runtime (str): ``'torch'`` (eval mode) or ``'onnxruntime'`` (each
+            layer exported alone, one session call's cost subtracted).
+        samples (int): Widths per axis besides the narrowest.
+        step (int): Widths are multiples of it (but the full width): a
+            search with ``round_to`` only reaches those.
+        min_run_time (float): Seconds of timing per measurement.
+        threads (int, optional): Intra-op threads (``onnxruntime``: default
+            1; ``torch``: the process's).
+        progress (bool): Show mmengine's progress bar.
+        units (dict, optional): The units (default: ``find_units``).
+        repeats (int): A whole module's time is the median of this many.
+        calibrate (int): Narrower nets measured whole to fit the scale,
+            every unit at ``1 / (calibrate + 1)``, ``2 / (calibrate + 1)``,
+            ... of its width (0: scale 1).
+
+    Returns:
+        dict: The table (JSON-serialisable).
+    """
+    from mmengine.utils import ProgressBar
+
+    from .shrink import narrow_to_widths
+    from .units import AtomUnit, find_units
+    if runtime not in RUNTIMES:
+        raise ValueError(f'runtime: one of {RUNTIMES}, got {runtime!r}')
+    if runtime == 'onnxruntime' and str(device) != 'cpu':
+        raise ValueError(f'device: onnxruntime tables are measured on the '
+                         f'CPU, got {device!r}')
+    threads = torch.get_num_threads() if runtime == 'torch' else threads or 1
+    units = find_units(model) if units is None else units
+    units = {n: u for n, u in units.items() if not isinstance(u, AtomUnit)}
+    root = search_root(model)
+    names = {id(m): n for n, m in root.named_modules()}
+    layers = unit_layers(model, units)
+    if not layers:
+        raise ValueError(f'model: {type(model).__name__} has no layer of a '
+                         'channel unit to measure')
+    shapes = {}  # the input shape of every layer in the model
+
+    def record(module, args):
+        shapes.setdefault(id(module), tuple(args[0].shape))
+
+    handles = [layer.register_forward_pre_hook(record)
+               for layer, *_ in layers]
+    was_training = root.training
+    root.train(False)
+    try:
+        with torch.no_grad():
+            root(torch.randn(input_shape, device=device))
+    finally:
+        for handle in handles:
+            handle.remove()
+        root.train(was_training)
+    grids = []
+    for layer, src, dst, depthwise in layers:
+        name = names[id(layer)]
+        c_in, c_out = layer_geometry(layer)['in_channels'], \
+            layer_geometry(layer)['out_channels']
+        if depthwise and not is_depthwise(layer) or not depthwise and \
+                getattr(layer, 'groups', 1) != 1:
+            raise ValueError(f'{name}: a grouped conv ({layer.groups} groups, '
+                             f'{c_in} -> {c_out} channels) that is not '
+                             'depthwise: not measured')
+        if depthwise:
+            grid = ([c_in], layer_widths(c_out, samples, step))
+        else:
+            grid = (layer_widths(c_in, samples, step) if src else [c_in],
+                    layer_widths(c_out, samples, step) if dst else [c_out])
+        grids.append((name, layer, grid))
+    jobs = sum(len(a) * len(b) for _, _, (a, b) in grids) + \
+        repeats * (1 + calibrate)
+    bar = ProgressBar(jobs) if progress else None
+    calls = {}
+
+    def run(module, shape):
+        x = torch.randn(shape, device=device)
+        if runtime == 'torch':
+            ms = measure_ms(module.to(device).eval(), x, min_run_time)
+        else:
+            if shape not in calls:  # one session call's cost
+                calls[shape] = measure_ms_ort(_Copy(), x, threads,
+                                              min_run_time)
+            ms = max(0.0, measure_ms_ort(module.eval(), x, threads,
+                                         min_run_time) - calls[shape])
+        if bar is not None:
+            bar.update()
+        return ms
+
+    entries = []
+    for name, layer, (in_widths, out_widths) in grids:
+        shape = shapes[id(layer)]
+        ms = []
+        for w_in in in_widths:
+            row = []
+            for w_out in out_widths:
+                module = _layer_like(layer, w_in, w_out)
+                x_shape = (shape[0], module.in_channels) + shape[2:] \
+                    if isinstance(module, torch.nn.Conv2d) else \
+                    shape[:-1] + (w_in, )
+                row.append(run(module, x_shape))
+            ms.append(row)
+        entry = dict(name=name, **layer_geometry(layer),
+                     depthwise=is_depthwise(layer),
+                     input_size=list(shape[2:] if isinstance(
+                         layer, torch.nn.Conv2d) else shape[1:-1]),
+                     in_widths=in_widths, out_widths=out_widths, ms=ms)
+        entries.append(entry)
+    table = dict(kind='layers', version=LAYER_TABLE_VERSION, runtime=runtime,
+                 threads=threads, device=str(device),
+                 batch=int(input_shape[0]), input_shape=list(input_shape),
+                 samples=samples, step=step, layers=entries, fixed_ms=0.0,
+                 model_ms=0.0)
+    # The whole module at full width and at ``calibrate`` random widths,
+    # measured in turns, against the sum of its layers' samples.
+    nets = [model]
+    for j in range(calibrate):
+        net = copy.deepcopy(model)
+        narrow_to_widths(net, random_widths(
+            model, fraction=(j + 1) / (calibrate + 1), align=step))
+        nets.append(net)
+    whole = [[] for _ in nets]
+    for _ in range(repeats):
+        for times, net in zip(whole, nets):
+            times.append(measure_model_ms(table, search_root(net), device,
+                                          min_run_time))
+            if bar is not None:
+                bar.update()
+    if bar is not None:
+        print()
+    raw = LayerLatencyCost(table)
+    points = [(raw.total(search_root(net)), statistics.median(times))
+              for net, times in zip(nets, whole)]
+    scale, fixed = fit_layers(points)
+    for entry in entries:
+        entry['ms'] = [[ms * scale for ms in row] for row in entry['ms']]
+    table.update(model_ms=points[0][1], layers_ms=points[0][0] * scale,
+                 fixed_ms=fixed, scale=scale,
+                 calibration=[list(p) for p in points])
+    if runtime == 'onnxruntime':
+        import onnxruntime
+        table.update(onnxruntime=onnxruntime.__version__)
+    return table
+
+
+def fit_layers(points):
+    """``(scale, fixed_ms)`` of a per-layer table from ``[(sum of the
+    layers' samples, measured ms)]`` of whole nets, the full one first: the
+    prediction ``fixed_ms + scale * sum`` passes through the full net and
+    fits the slope of the others (least squares); ``fixed_ms`` >= 0 (else
+    the scale that predicts the full net with no fixed part), the scale 1
+    when the narrower nets give no slope."""
+    (x0, m0), rest = points[0], points[1:]
+    dx = [x - x0 for x, _ in rest]
+    dm = [m - m0 for _, m in rest]
+    squares = sum(d * d for d in dx)
+    scale = sum(a * b for a, b in zip(dx, dm)) / squares if squares else 1.0
+    if scale <= 0:
+        scale = 1.0
+    fixed = m0 - scale * x0
+    if fixed < 0:
+        scale, fixed = m0 / x0, 0.0
+    return scale, fixed
+
+
+def random_widths(model, seed=0, align=1, fraction=None):
+    """``{unit name: [width]}``: every channel unit of ``model`` (no AtomNAS
+    atoms) at a random 10-100% of its width (``fraction`` when given),
+    rounded up to a multiple of ``align`` (at most its width), for checking
+    a table's predictions (:func:`~atomnas_mm.search.shrink.
+    narrow_to_widths`)."""
+    from .units import AtomUnit, find_units
+    rng = random.Random(seed)
+    widths = {}
+    for name, unit in find_units(model).items():
+        if isinstance(unit, AtomUnit):
+            continue
+        full = unit.num_channels
+        share = rng.uniform(0.1, 1.0) if fraction is None else fraction
+        width = max(unit.min_width, round(full * share))
+        widths[name] = [min(full, _round_up(width, align))]
+    return widths
 
 
 MAX_MS = 1e6  # 1000 s: no block takes that long; a table is in ms
+
+
+def _bad(where, field, value, why):
+    raise ValueError(
+        f'table: {where}: {field} = {value!r}: {why}; measure the table '
+        'again with tools/analysis_tools/atom_latency_table.py')
+
+
+def _check_ms(where, field, value):
+    """A latency: a finite number of milliseconds in ``[0, MAX_MS]``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        _bad(where, field, value, 'a latency must be a number of '
+             'milliseconds')
+    if not math.isfinite(value):
+        _bad(where, field, value, 'a latency must be finite (a failed '
+             'measurement?)')
+    if value < 0:
+        _bad(where, field, value, 'a latency cannot be negative')
+    if value > MAX_MS:
+        _bad(where, field, value, f'over {MAX_MS:g} ms (1000 s) is no '
+             'latency of a block; a table is in milliseconds')
+
+
+def _is_width(value):
+    return isinstance(value, int) and not isinstance(value, bool) and \
+        value > 0
+
+
+def _check_widths(where, field, widths, count=None):
+    """Increasing positive integers (``count`` of them when given)."""
+    if not (isinstance(widths, list) and widths and all(
+            _is_width(w) for w in widths) and all(
+                a < b for a, b in zip(widths, widths[1:]))) or (
+                    count is not None and len(widths) != count):
+        _bad(where, field, widths, 'must be increasing positive integers' + (
+            f', {count} of them' if count is not None else ''))
+
 
 
 def check_table(table, where):
@@ -447,24 +740,11 @@ def check_table(table, where):
     Raises:
         ValueError: Naming ``where``, the field and why.
     """
-    import math
-
     def bad(field, value, why):
-        raise ValueError(
-            f'table: {where}: {field} = {value!r}: {why}; measure the table '
-            'again with tools/analysis_tools/atom_latency_table.py')
+        _bad(where, field, value, why)
 
     def check_ms(field, value):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            bad(field, value, 'a latency must be a number of milliseconds')
-        if not math.isfinite(value):
-            bad(field, value, 'a latency must be finite (a failed '
-                'measurement?)')
-        if value < 0:
-            bad(field, value, 'a latency cannot be negative')
-        if value > MAX_MS:
-            bad(field, value, f'over {MAX_MS:g} ms (1000 s) is no latency of '
-                'a block; a table is in milliseconds')
+        _check_ms(where, field, value)
 
     check_ms('stem_ms', table.get('stem_ms'))
     check_ms('head_ms', table.get('head_ms'))
@@ -532,3 +812,77 @@ def check_table(table, where):
                         'positive integers, one "off_ms" sample each')
                 for j, value in enumerate(off_ms):
                     check_ms(f'{field}.off_ms[{j}]', value)
+
+
+def check_layer_table(table, where):
+    """Check a per-layer latency table (:class:`~atomnas_mm.search.costs.
+    LayerLatencyCost`) on load.
+
+    ``fixed_ms``, ``model_ms`` and every sample must be a latency as in
+    :func:`check_table`; every layer needs a unique ``name``, its
+    ``type`` (``Conv2d`` / ``Linear``), channels, and ``in_widths`` /
+    ``out_widths`` (increasing positive integers ending at its channels; one
+    width along an axis that is no unit's, and the input axis of a
+    depthwise conv) with ``ms`` one row per input width, one sample per
+    output width.
+
+    Args:
+        table (dict): The table (kind and version already checked).
+        where (str): How to name it in messages (its path).
+
+    Raises:
+        ValueError: Naming ``where``, the field and why.
+    """
+    for key in ('fixed_ms', 'model_ms'):
+        _check_ms(where, key, table.get(key))
+    if table.get('runtime', 'torch') not in RUNTIMES:
+        _bad(where, 'runtime', table.get('runtime'),
+             f'must be one of {RUNTIMES}')
+    shape = table.get('input_shape')
+    if not (isinstance(shape, list) and len(shape) >= 2 and
+            all(_is_width(d) for d in shape)):
+        _bad(where, 'input_shape', shape, 'must be the counted module\'s '
+             'input shape, e.g. [1, 3, 224, 224]')
+    layers = table.get('layers')
+    if not isinstance(layers, list) or not layers:
+        _bad(where, 'layers', layers, 'must be a list with one entry per '
+             'layer of a channel unit')
+    seen = set()
+    for i, entry in enumerate(layers):
+        field = f'layers[{i}]'
+        if not isinstance(entry, dict):
+            _bad(where, field, entry, 'must be a dict')
+        name = entry.get('name')
+        if not isinstance(name, str) or not name or name in seen:
+            _bad(where, f'{field}.name', name, 'must be the layer\'s module '
+                 'path in the counted module, once')
+        seen.add(name)
+        field = f'layers[{i}] ({name})'
+        if entry.get('type') not in ('Conv2d', 'Linear'):
+            _bad(where, f'{field}.type', entry.get('type'),
+                 "must be 'Conv2d' or 'Linear'")
+        if not isinstance(entry.get('depthwise'), bool):
+            _bad(where, f'{field}.depthwise', entry.get('depthwise'),
+                 'must be a bool')
+        for key in ('in_channels', 'out_channels'):
+            if not _is_width(entry.get(key)):
+                _bad(where, f'{field}.{key}', entry.get(key),
+                     'must be a positive int')
+        for key in ('in', 'out'):
+            widths = entry.get(f'{key}_widths')
+            _check_widths(where, f'{field}.{key}_widths', widths)
+            if widths[-1] != entry[f'{key}_channels'] or (
+                    key == 'in' and entry['depthwise'] and len(widths) > 1):
+                _bad(where, f'{field}.{key}_widths', widths,
+                     f'must end at {key}_channels ({entry[f"{key}_channels"]})'
+                     + (', one width (a depthwise conv follows its output)'
+                        if key == 'in' and entry['depthwise'] else ''))
+        ms = entry.get('ms')
+        rows, cols = len(entry['in_widths']), len(entry['out_widths'])
+        if not (isinstance(ms, list) and len(ms) == rows and all(
+                isinstance(row, list) and len(row) == cols for row in ms)):
+            _bad(where, f'{field}.ms', ms, f'must be {rows} rows (input '
+                 f'widths) of {cols} samples (output widths)')
+        for a, row in enumerate(ms):
+            for b, value in enumerate(row):
+                _check_ms(where, f'{field}.ms[{a}][{b}]', value)

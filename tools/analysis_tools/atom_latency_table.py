@@ -1,4 +1,5 @@
-"""Measure a per-block latency table of a config's AtomNAS backbone.
+"""Measure a latency table of a config's model: per AtomNAS block, or per
+layer of a stock model's channel units.
 
     python tools/analysis_tools/atom_latency_table.py CONFIG \
         --device cpu --batch 1 --shape 224 --out latency_cpu.json
@@ -10,6 +11,14 @@
     # table and of random sub-nets of the supernet
     python tools/analysis_tools/atom_latency_table.py CONFIG \
         --table latency_cpu.json --predict
+
+A config whose model has no AtomNAS backbone (mmpretrain's MobileNetV2,
+ResNet, ...) gets a per-layer table (``kind: "layers"``): every Conv2d /
+Linear of its channel units (the units the search finds) timed alone, BN
+folded, at a grid of widths at its input size in the model, and the fixed
+rest of the counted module (its backbone) measured whole; ``--predict``
+compares the model and random narrower ones (``--align``: their widths, and
+the table's samples, multiples of it, as a search with ``round_to``).
 
 Use the table as the cost of a latency budget:
 ``AtomShrinkHook(target=dict(latency_ms=...), latency_table='latency_cpu.json')``
@@ -24,7 +33,8 @@ import sys
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('config', help='config whose model has an AtomNAS '
-                        'backbone (the supernet to measure)')
+                        'backbone (the supernet to measure), or any model '
+                        'with channel units (a per-layer table)')
     parser.add_argument('--device', default='cpu', choices=['cpu', 'cuda'])
     parser.add_argument('--runtime', default='torch',
                         choices=['torch', 'onnxruntime'],
@@ -48,20 +58,26 @@ def parse_args(argv=None):
     parser.add_argument('--align', type=int, default=None,
                         help='the deployed net pads every kernel group '
                         '(export: part) to a multiple of this width (default '
-                        '16 for export, as pytorch2onnx.py; else 1)')
+                        '16 for export, as pytorch2onnx.py; else 1); '
+                        'per-layer tables: widths are sampled at multiples '
+                        'of it, as the search with round_to reaches them '
+                        '(default 1 for torch, 8 for onnxruntime, whose '
+                        'convs run fast at multiples of 4 and 8)')
     parser.add_argument('--batch', type=int, default=1)
     parser.add_argument('--shape', type=int, default=None,
                         help='image side (default: the config\'s '
                         'AtomShrinkHook input_size, else 224)')
     parser.add_argument('--samples', type=int, default=4,
                         help='widths measured per kernel size, up to the block '
-                        'width')
+                        'width (per-layer tables: per axis, besides the '
+                        'narrowest)')
     parser.add_argument('--min-run-time', type=float, default=0.1,
                         help='seconds of timing per measurement')
     parser.add_argument('--no-calibrate', action='store_true',
                         help='keep the parts\' times as measured (default: '
                         'one factor makes the table predict the supernet as '
-                        'measured whole)')
+                        'measured whole; per-layer tables: the factor fitted '
+                        'on the model and 3 narrower ones measured whole)')
     parser.add_argument('--out', help='where to write the table (JSON)')
     parser.add_argument('--table', help='an existing table (skip measuring)')
     parser.add_argument('--predict', action='store_true',
@@ -97,7 +113,7 @@ def main(argv=None):
     import atomnas_mm  # noqa: F401
     from atomnas_mm.models import ARCHS, AtomNAS
     from atomnas_mm.search import find_backbones
-    from atomnas_mm.search.latency import compare, measure_table, random_subnet
+    from atomnas_mm.search.latency import measure_table, random_subnet
 
     if args.device == 'cuda' and not torch.cuda.is_available():
         raise SystemExit('atom_latency_table.py: error: --device cuda but '
@@ -115,13 +131,12 @@ def main(argv=None):
     init_default_scope(cfg.get('default_scope', 'mmpretrain'))
     from mmengine.registry import MODELS
     model = MODELS.build(cfg.model)
-    backbones = find_backbones(model)
-    if not backbones:
-        raise SystemExit(f'atom_latency_table.py: error: {args.config} has '
-                         'no AtomNAS backbone')
-    backbone = next(iter(backbones.values())).eval()
     size = args.shape or next((h.get('input_size') for h in cfg.get(
         'custom_hooks', []) if 'AtomShrinkHook' in h.get('type', '')), 224)
+    backbones = find_backbones(model)
+    if not backbones:
+        return layer_table(args, model, size)
+    backbone = next(iter(backbones.values())).eval()
     if args.table:
         from atomnas_mm.search.costs import LatencyCost
         try:
@@ -159,16 +174,76 @@ def main(argv=None):
         for seed in range(args.subnets):
             nets[f'random sub-net {seed}'] = AtomNAS(
                 arch=random_subnet(backbone, seed)).eval()
-        rows = compare(table, nets, args.device,
-                       min_run_time=2 * args.min_run_time)
-        print(f'measured whole in {table.get("runtime", "torch")} '
-              f'({table.get("threads", "?")} threads)')
-        print(f'{"net":28s} {"predicted ms":>12s} {"measured ms":>12s} '
-              f'{"error":>7s}')
-        for name, predicted, measured in rows:
-            print(f'{name:28s} {predicted:12.3f} {measured:12.3f} '
-                  f'{(predicted - measured) / measured:+7.1%}')
+        print_rows(table, nets, args)
 
+
+def layer_table(args, model, size):
+    """The per-layer table of a model without an AtomNAS backbone (its
+    channel units), measured or loaded, and ``--predict``."""
+    import copy
+
+    from atomnas_mm.search.costs import (FLOPsCost, LayerLatencyCost,
+                                         latency_cost, search_root)
+    from atomnas_mm.search.latency import (measure_layer_table,
+                                           random_widths)
+    from atomnas_mm.search.shrink import narrow_to_widths
+    from atomnas_mm.search.units import SearchRefused, require_units
+    if args.form or args.merge != 'merged':
+        raise SystemExit('atom_latency_table.py: error: --form and --merge '
+                         'describe AtomNAS blocks; this config has no '
+                         'AtomNAS backbone (a per-layer table)')
+    try:
+        units, _ = require_units(model, where=args.config)
+    except SearchRefused as e:
+        raise SystemExit(f'atom_latency_table.py: error: {e}') from None
+    align = args.align or (8 if args.runtime == 'onnxruntime' else 1)
+    if args.table:
+        try:
+            cost = latency_cost(args.table)
+        except ValueError as e:
+            raise SystemExit(f'atom_latency_table.py: error: {e}') from None
+        if not isinstance(cost, LayerLatencyCost):
+            raise SystemExit(f'atom_latency_table.py: error: {args.table} is '
+                             'a per-block table (AtomNAS); this config has no '
+                             'AtomNAS backbone')
+        table = cost.table
+        align = args.align or table.get('step', 1)
+    else:
+        shape = FLOPsCost(size).input_shape(search_root(model))
+        table = measure_layer_table(
+            model, (args.batch, ) + shape[1:], args.device, args.runtime,
+            args.samples, align, args.min_run_time, args.threads,
+            units=units, calibrate=0 if args.no_calibrate else 3)
+        with open(args.out, 'w') as f:
+            json.dump(table, f, indent=1)
+        print(f'{args.out}: {len(table["layers"])} layers of '
+              f'{len(units)} channel units, {table["runtime"]} '
+              f'({table["threads"]} threads), device {table["device"]}, '
+              f'input {table["input_shape"]}, widths multiples of {align}; '
+              f'whole {table["model_ms"]:.3f} ms = fixed '
+              f'{table["fixed_ms"]:.3f} + layers {table["layers_ms"]:.3f} '
+              f'(scaled by {table["scale"]:.3f})')
+    if args.predict:
+        nets = {'full model (this config)': search_root(model)}
+        for seed in range(args.subnets):
+            net = copy.deepcopy(model)
+            narrow_to_widths(net, random_widths(model, seed, align))
+            nets[f'random sub-net {seed}'] = search_root(net)
+        print_rows(table, nets, args)
+
+
+def print_rows(table, nets, args):
+    """Predicted vs measured latency of ``nets`` by ``table``."""
+    from atomnas_mm.search.latency import compare
+    rows = compare(table, nets, args.device,
+                   min_run_time=2 * args.min_run_time)
+    print(f'measured whole in {table.get("runtime", "torch")} '
+          f'({table.get("threads", "?")} threads)')
+    print(f'{"net":28s} {"predicted ms":>12s} {"measured ms":>12s} '
+          f'{"error":>7s}')
+    for name, predicted, measured in rows:
+        print(f'{name:28s} {predicted:12.3f} {measured:12.3f} '
+              f'{(predicted - measured) / measured:+7.1%}')
 
 if __name__ == '__main__':
     main()
