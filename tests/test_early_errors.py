@@ -111,11 +111,11 @@ def stock_cfg(tmp_path, backbone, channels):
 
 
 def test_penalty_on_a_model_without_units_names_what_it_refused(tmp_path):
-    """ResNeXt's grouped convs couple its channels and its stem is frozen
-    (the tracing finder would take the stem otherwise): nothing to search,
-    and the error names the blocks and why."""
+    """ResNeXt's grouped convs couple its blocks' channels and its stem and
+    stages are frozen (their streams would be units otherwise): nothing to
+    search, and the error names the blocks and why."""
     cfg = stock_cfg(tmp_path, dict(type='ResNeXt', depth=50,
-                                   frozen_stages=0), 2048)
+                                   frozen_stages=4), 2048)
     cfg['custom_hooks'] = [dict(type='atomnas_mm.BNL1PenaltyHook', rho=1e-4)]
     _fails_before_training(
         cfg, r'BNL1PenaltyHook: the model has no searchable channel unit:\n'

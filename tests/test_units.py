@@ -108,7 +108,9 @@ def test_finders_name_units_by_their_gate_and_skip_what_they_cannot_prove():
                         'a LinearClsHead: not searched')]
     units = find_units(ResNet(50, base_channels=16, frozen_stages=1))
     assert list(units)[:2] == ['layer2.0.bn1', 'layer2.0.bn2']
-    assert len(units) == 2 * (4 + 6 + 3)  # layer1 frozen, bn3 never
+    # layer1 and the stem frozen; the inner channels of 13 blocks and the
+    # streams of layer2 and layer3 (layer4's leaves the bare backbone)
+    assert len(units) == 2 * (4 + 6 + 3) + 2
     assert all(not isinstance(u, AtomUnit) for u in units.values())
     assert all(isinstance(u, AtomUnit)
                for u in find_units(AtomNAS(arch=SUPERNET)).values())
@@ -117,7 +119,8 @@ def test_finders_name_units_by_their_gate_and_skip_what_they_cannot_prove():
 def test_a_model_without_units_is_refused_naming_what_was_seen():
     with pytest.raises(SearchRefused, match=r'search: the model has no '
                        r'searchable channel unit:\n  layer1.0: grouped conv'):
-        require_units(ResNeXt(50, base_channels=16))
+        # its streams would be units: every stage is an output here
+        require_units(ResNeXt(50, base_channels=16, out_indices=(0, 1, 2, 3)))
     with pytest.raises(SearchRefused, match='no BN-gated channels that a '
                        'finder knows'):
         require_units(nn.Sequential(nn.Conv2d(3, 8, 3), nn.LayerNorm(8)))

@@ -336,7 +336,8 @@ class ResNetFinder:
     channel's constant is folded into norm2 exactly in the interior and
     bounded at the borders), and conv2's outputs, read by the 1x1 conv3
     (exact); a BasicBlock gives the first. The block outputs (norm3 / norm2)
-    feed the residual addition and are never units. Blocks with grouped
+    feed the residual addition: they gate the stage streams
+    (:class:`ResNetStreamFinder`), not these units. Blocks with grouped
     convs (ResNeXt), deformable convs or plugins are skipped.
     """
 
@@ -376,9 +377,252 @@ class ResNetFinder:
                                   act=act)
 
 
+_RESNETS = {'ResNet', 'ResNetV1c', 'ResNetV1d', 'ResNeXt', 'ResNet_CIFAR'}
+
+
+def _resnet_block(block):
+    """Why ``block`` is not a BasicBlock / Bottleneck whose stream side
+    (conv1, the last conv and BN, the downsample) is plain, or None."""
+    if type(block).__name__ not in ('BasicBlock', 'Bottleneck') or not all(
+            hasattr(block, a) for a in ('conv1', 'norm1', 'conv2', 'norm2')):
+        return 'not a ResNet BasicBlock / Bottleneck'
+    if getattr(block, 'with_plugins', False):
+        return 'plugins'
+    last, norm = _last_of(block)
+    if not (_plain_conv(block.conv1) and _plain_conv(last)):
+        return 'its conv1 or last conv is grouped'
+    if not all(_affine_bn(n) for n in (block.norm1, norm)):
+        return 'its norms are not BatchNorm with affine scales'
+    ds = block.downsample
+    if ds is not None and _downsample(ds) is None:
+        return 'its downsample is not (average pooling,) 1x1 conv, BN'
+    return None
+
+
+def _last_of(block):
+    """The conv and BN writing a block's residual branch."""
+    if hasattr(block, 'conv3'):
+        return block.conv3, block.norm3
+    return block.conv2, block.norm2
+
+
+def _affine_bn(norm):
+    return _bn(norm) and norm.weight is not None and norm.track_running_stats
+
+
+def _downsample(ds):
+    """``(conv, bn)`` of a downsample ``[(AvgPool2d,) 1x1 conv, BN]`` whose
+    pooling keeps a constant map constant, or None."""
+    layers = list(ds) if isinstance(ds, nn.Sequential) else []
+    if len(layers) < 2 or not (_plain_conv(layers[-2]) and _affine_bn(
+            layers[-1])) or layers[-2].kernel_size != (1, 1):
+        return None
+    for pool in layers[:-2]:
+        if not (isinstance(pool, nn.AvgPool2d) and (
+                not pool.count_include_pad or not pool.padding)):
+            return None
+    return layers[-2], layers[-1]
+
+
+def _stem(net):
+    """``(conv, bn, act)`` of the stem's last conv, or why not."""
+    if getattr(net, 'deep_stem', False):
+        stem = list(getattr(net, 'stem', []))
+        if stem and all(hasattr(m, 'conv') for m in stem):  # ConvModules
+            last = stem[-1]
+            layers = (last.conv, getattr(last, 'norm', None),
+                      _act(last) if hasattr(last, 'with_activation') else
+                      None)
+        elif len(stem) >= 3:  # mmdet: conv, BN, ReLU, ...
+            layers = tuple(stem[-3:])
+        else:
+            return 'the deep stem is not conv, BN, ReLU layers'
+    else:
+        layers = (getattr(net, 'conv1', None), getattr(net, 'norm1', None),
+                  getattr(net, 'relu', None))
+    conv, norm, act = layers
+    if not (_plain_conv(conv) and _affine_bn(norm) and isinstance(
+            act, (nn.ReLU, nn.ReLU6))):
+        return 'the stem is not conv, BN, ReLU'
+    return conv, norm, act
+
+
+def _classifier_fc(owner, net, last):
+    """The classifier's ``fc`` when the backbone's last stage is read by
+    global average pooling and a LinearClsHead only, else None."""
+    head = getattr(owner, 'head', None)
+    fc = getattr(head, 'fc', None)
+    if owner is None or type(getattr(owner, 'neck', None)).__name__ != \
+            'GlobalAveragePooling' or type(head).__name__ != \
+            'LinearClsHead' or not isinstance(fc, nn.Linear) or \
+            fc.bias is None or _out_indices(net)[-1:] != [last]:
+        return None
+    return fc
+
+
+def _out_indices(net):
+    stages = len(net.res_layers)
+    return sorted(i % stages for i in net.out_indices)
+
+
+@SEARCH.register_module()
+class ResNetStreamFinder:
+    """The channels between ResNet blocks (mmpretrain's and mmdet's ResNet,
+    ResNetV1c/V1d, ResNeXt, ResNet_CIFAR): each stage's residual stream and
+    the stem.
+
+    * Streams: a block with a downsample starts a stream, written by its
+      last BN (``bn2`` / ``bn3``) and the downsample's BN; every following
+      block without downsample adds its last BN's output; a first stage
+      without downsample continues the stem's output (the stem's BN is its
+      first writer, through ReLU and max-pooling). ReLU follows every
+      addition. Readers: every block's ``conv1`` inside the stream, the next
+      stream's first ``conv1`` and downsample conv, and for the last stage
+      of an ``ImageClassifier`` with a ``GlobalAveragePooling`` neck and a
+      ``LinearClsHead`` its ``fc``. A
+      :class:`~atomnas_mm.search.units.ResidualUnit` named by the first
+      block's last BN, gated jointly by every writer's BN (``combine``). A
+      channel dead in every writer carries a constant along the stream
+      (the writers' shifts through the additions and ReLUs), folded into
+      each reader: exact for 1x1 readers (Bottleneck ``conv1``, the
+      downsample) and for the ``fc`` (its bias), bounded for a BasicBlock's
+      padded 3x3 ``conv1`` (``error_bound``).
+    * Stem: when the first block has a downsample, the stem's channels
+      (its last conv and BN) are read by that block's ``conv1`` and
+      downsample conv: a :class:`~atomnas_mm.search.units.ChannelUnit`
+      named by the stem's BN.
+
+    A stream with a stage in ``out_indices`` (its output leaves the
+    backbone: a detector's neck reads every stage) is skipped, but the last
+    stage's of such a classifier. A network with a block of another layout
+    (plugins, a grouped ``conv1`` or last conv, a norm that is not BN, a
+    downsample that is not ``[(AvgPool2d,) 1x1 conv, BN]``) is skipped as
+    a whole; ResNeXt's grouped ``conv2`` is inside the block and does not
+    touch its streams. Frozen writers or readers (``frozen_stages``) leave
+    the unit out (:func:`~atomnas_mm.search.units.find_units`).
+
+    Args:
+        stem, streams (bool): Which units to take.
+        combine (str): How a stream channel's writers' scales combine
+            (:class:`~atomnas_mm.search.units.ResidualUnit`).
+    """
+
+    def __init__(self, stem=True, streams=True, combine='max'):
+        if combine not in ResidualUnit.COMBINE:
+            raise ValueError(f'combine: one of {ResidualUnit.COMBINE}, got '
+                             f'{combine!r}')
+        self.stem, self.streams, self.combine = stem, streams, combine
+
+    def __call__(self, model, skipped, claimed):
+        heads = {id(m.backbone): m for m in model.modules()
+                 if isinstance(getattr(m, 'backbone', None), nn.Module)}
+        for name, net in _named(model, claimed, _RESNETS):
+            if not (hasattr(net, 'res_layers') and hasattr(
+                    net, 'out_indices')):
+                continue
+            claimed.add(id(net))
+            yield from self._units(name + '.' if name else '', net,
+                                   heads.get(id(net)), skipped)
+
+    def _units(self, prefix, net, owner, skipped):
+        names = {id(m): prefix + n for n, m in net.named_modules()}
+        blocks = []  # (stage, block)
+        for stage, layer_name in enumerate(net.res_layers):
+            for j, block in enumerate(getattr(net, layer_name)):
+                why = _resnet_block(block)
+                if why is None and j and block.downsample is not None:
+                    why = 'a downsample inside its stage'
+                if why:
+                    skipped.append((names[id(block)], f'{why}: the ResNet '
+                                    'streams are not searched'))
+                    return
+                blocks.append((stage, block))
+        if not blocks:
+            return
+        stem = _stem(net)
+        streams = []
+        for entry in blocks:
+            if entry[1].downsample is None and streams:
+                streams[-1].append(entry)
+            else:
+                streams.append([entry])
+        first = blocks[0][1]
+        if self.stem and first.downsample is not None:
+            if isinstance(stem, str):
+                skipped.append((prefix.rstrip('.') or type(net).__name__,
+                                f'{stem}: not searched'))
+            else:
+                conv, norm, act = stem
+                ds_conv, ds_norm = _downsample(first.downsample)
+                yield ChannelUnit(names[id(norm)], norm,
+                                  producers=[conv, norm],
+                                  consumers=[(first.conv1, first.norm1),
+                                             (ds_conv, ds_norm)], act=act)
+        if not self.streams:
+            return
+        last = len(net.res_layers) - 1
+        fc = _classifier_fc(owner, net, last)
+        for k, stream in enumerate(streams):
+            after = streams[k + 1][0][1] if k + 1 < len(streams) else None
+            unit = self._stream(names, net, stream, after, stem, fc, last,
+                                skipped)
+            if unit is not None:
+                yield unit
+
+    def _stream(self, names, net, stream, after, stem, fc, last, skipped):
+        block = stream[0][1]
+        name = names[id(_last_of(block)[1])]
+        ends = {stage for stage, _ in stream}
+        leaving = [i for i in _out_indices(net) if i in ends and (
+            after is not None or fc is None or i != last)]
+        if leaving:
+            skipped.append((name, f'its stream is an output of the backbone '
+                            f'(out_indices {leaving[0]}), read outside it: '
+                            'not searched'))
+            return None
+        if after is None and fc is None:
+            skipped.append((name, 'the last stage\'s stream leaves the '
+                            'backbone to a reader other than global average '
+                            'pooling and a LinearClsHead: not searched'))
+            return None
+        gates, producers, post_acts, consumers, reads = [], [], [], [], []
+        if block.downsample is None:  # the stem writes the first stage
+            if isinstance(stem, str):
+                skipped.append((name, f'{stem}: its stream is not '
+                                'searched'))
+                return None
+            conv, norm, act = stem
+            gates.append(norm)
+            producers += [conv, norm]
+            post_acts.append(act)
+        for _, block in stream:
+            if block.downsample is None:
+                consumers.append((block.conv1, block.norm1))
+                reads.append(len(gates))
+            conv, norm = _last_of(block)
+            gates.append(norm)
+            producers += [conv, norm]
+            relu = getattr(block, 'relu', F.relu)
+            post_acts.append(relu if block.downsample is None else None)
+            if block.downsample is not None:
+                conv, norm = _downsample(block.downsample)
+                gates.append(norm)
+                producers += [conv, norm]
+                post_acts.append(relu)
+        if after is not None:
+            consumers += [(after.conv1, after.norm1),
+                          _downsample(after.downsample)]
+            reads += [len(gates)] * 2
+        else:
+            consumers.append((fc, 'bias'))
+            reads.append(len(gates))
+        return ResidualUnit(name, gates, producers, consumers, reads,
+                            post_acts=post_acts, combine=self.combine)
+
+
 #: Finders tried on every model, in this order (a module claimed by one is
 #: not offered to the next). The tracing finder comes last and searches
 #: only models in which the others claimed nothing.
 DEFAULT_FINDERS = (AtomNASFinder(), MobileNetV2Finder(),
                    MobileNetV2StreamFinder(), InvertedResidualFinder(),
-                   ResNetFinder(), TracingFinder())
+                   ResNetFinder(), ResNetStreamFinder(), TracingFinder())

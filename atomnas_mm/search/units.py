@@ -240,16 +240,19 @@ class ResidualUnit(ChannelUnit):
     """The channels of one residual stream: several layers write (add) into
     them, and layers read the running sum at different points.
 
-    A stream ``x_k = x_{k-1} + w_k`` (``x_1 = w_1``: a stage's first block
-    writes it, every residual block of the stage adds its projection) has
-    one channel set across all its writers and readers. A channel whose
-    gamma is 0 in every writer's BN is the constant ``sum act(beta)`` of the
-    writers before each reader; it is removed from every writer (output
-    dim) and reader (input dim), each reader's constant folded into its BN
-    running mean (exact for 1x1 readers).
+    A stream ``x_k = post_k(x_{k-1} + w_k)`` (``x_1 = post_1(w_1)``: a
+    stage's first block writes it, every residual block of the stage adds
+    its projection; ``post_k`` is the identity in MobileNetV2, the ReLU
+    after the addition in ResNet) has one channel set across all its
+    writers and readers. A channel whose gamma is 0 in every writer's BN is
+    a constant at every point of the stream: ``w_k = act_k(beta_k)`` carried
+    through the additions and ``post_k``. It is removed from every writer
+    (output dim) and reader (input dim), each reader's constant folded into
+    its BN running mean or bias (exact for 1x1 readers and global pooling
+    into a linear layer, bounded for padded ``k x k`` readers).
 
     Args:
-        name (str): The first writer's BN path (the unit's name).
+        name (str): The unit's name: the path of one of its writers' BNs.
         gates (list[nn.BatchNorm2d]): The writers' BNs, in stream order.
         producers (list[nn.Module]): The writers' convs and BNs.
         consumers (list[tuple]): ``(layer, fold)`` as in
@@ -258,6 +261,9 @@ class ResidualUnit(ChannelUnit):
             its input sums.
         acts (list[callable | None], optional): Per writer, the activation
             after its BN (None: linear, a projection).
+        post_acts (list[callable | None], optional): Per writer, the
+            activation applied to the stream after its addition (ResNet's
+            ReLU; None: none).
         combine (str): A channel's strength from its writers' ``|gamma|``:
             ``'max'`` (it dies only when dead in every writer), ``'sum'``
             (the L1 norm of its scales) or ``'l2'``.
@@ -267,7 +273,7 @@ class ResidualUnit(ChannelUnit):
     COMBINE = ('max', 'sum', 'l2')
 
     def __init__(self, name, gates, producers, consumers, reads, acts=None,
-                 combine='max'):
+                 post_acts=None, combine='max'):
         super().__init__(name, gates[0], producers, consumers)
         if len(reads) != len(self.consumers) or not all(
                 1 <= r <= len(gates) for r in reads):
@@ -279,6 +285,8 @@ class ResidualUnit(ChannelUnit):
         self.gates = list(gates)
         self.reads = list(reads)
         self.acts = list(acts) if acts is not None else [None] * len(gates)
+        self.post_acts = list(post_acts) if post_acts is not None else \
+            [None] * len(gates)
         self.combine = combine
 
     def modules(self):
@@ -312,9 +320,21 @@ class ResidualUnit(ChannelUnit):
             rows.append(beta)
         return torch.stack(rows)
 
+    def stream_constants(self):
+        """Per writer (rows): a dead channel's value in the stream after
+        that writer's addition (and its ``post_acts``)."""
+        rows, running = [], None
+        for const, post in zip(self.constants(), self.post_acts):
+            running = const if running is None else running + const
+            if post is not None:
+                running = post(running.clone().view(1, -1, 1, 1)).flatten()
+            rows.append(running)
+        return torch.stack(rows)
+
     def consumer_constants(self):
-        """Per consumer: the sum of the constants of the writers before it."""
-        running = self.constants().cumsum(0)
+        """Per consumer: the stream's constant after the writers it
+        reads."""
+        running = self.stream_constants()
         return [running[r - 1] for r in self.reads]
 
 
