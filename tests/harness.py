@@ -170,6 +170,33 @@ def clear_global_instances():
             cls._instance_dict.clear()
 
 
+def calibrated(model, seed=0, size=32):
+    """Random BN scales and shifts, running statistics from two batches,
+    a classifier's head random too: the eval output depends on the input
+    through the whole net (random running statistics would saturate ReLU6
+    layers), so a wrong fold or slice shows. Returns the model in eval mode.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            with torch.no_grad():
+                m.weight.copy_(torch.rand(m.weight.shape, generator=gen) + .5)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=gen) * .3)
+            m.reset_running_stats()
+            m.momentum = None
+    model.train()
+    classifier = hasattr(model, 'head')
+    with torch.no_grad():
+        for _ in range(2):
+            x = torch.randn(8, 3, size, size, generator=gen)
+            model(x, mode='tensor') if classifier else model(x)
+        if classifier:
+            model.head.fc.weight.normal_(generator=gen)
+            model.head.fc.bias.normal_(generator=gen)
+    model.eval()  # some backbones' train() returns None
+    return model
+
+
 def unique_name(prefix='toy'):
     """An experiment name no other Runner of this session has."""
     return f'{prefix}-{uuid.uuid4().hex[:12]}'

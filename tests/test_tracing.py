@@ -4,7 +4,6 @@ module and the reason, costs, and a search through tools/train.py and
 tools/test.py of a backbone only the tracing finder knows (mmpretrain's
 VGG-11 with BN)."""
 import os
-import os.path as osp
 import re
 import subprocess
 import sys
@@ -23,8 +22,7 @@ from atomnas_mm.search.finders import (DEFAULT_FINDERS, MobileNetV2Finder,
 from atomnas_mm.search.shrink import apply_plan, backbone_cost, width_cost_of
 from atomnas_mm.search.tracing import TracingFinder
 from atomnas_mm.search.units import SearchRefused, find_units, require_units
-
-ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+from harness import ROOT, calibrated
 
 
 def traced(model, fallback=False):
@@ -32,23 +30,6 @@ def traced(model, fallback=False):
     units = {u.name: u for u in TracingFinder(fallback)(model, skipped,
                                                          set())}
     return units, skipped
-
-
-def calibrated(model, seed=0):
-    """Random BN scales and shifts, running statistics from two batches."""
-    gen = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            with torch.no_grad():
-                m.weight.copy_(torch.rand(m.weight.shape, generator=gen) + .5)
-                m.bias.copy_(torch.randn(m.bias.shape, generator=gen) * .5)
-            m.momentum = None
-            m.reset_running_stats()
-    model.train()
-    with torch.no_grad():
-        for _ in range(2):
-            model(torch.randn(4, 3, 32, 32, generator=gen))
-    return model.eval()
 
 
 @pytest.mark.parametrize('make,finder', [
