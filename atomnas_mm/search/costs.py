@@ -612,6 +612,14 @@ class LayerLatencyCost:
                 for row in entry['ms']]
         return max(0.0, _interp(c_in, entry['in_widths'], rows))
 
+    def atom_costs(self, backbone):
+        """Refused: an AtomNAS backbone's blocks need a per-block table."""
+        raise SearchRefused(
+            f'{type(self).__name__}: costs the layers of channel units only '
+            f'({self.source} is a per-layer table); the AtomNAS blocks of '
+            f'{type(backbone).__name__} need a per-block latency table '
+            '(LatencyCost: atom_latency_table.py on the AtomNAS config)')
+
     def total(self, root):
         positions = self.layer_positions(root)
         return self.table['fixed_ms'] + sum(
@@ -744,19 +752,12 @@ def width_cost(model, cost, units, total):
 
     Raises:
         SearchRefused: A cost without layer costs (a per-block latency
-            table) for units that are not AtomNAS atoms, one without block
-            costs (a per-layer table) for AtomNAS atoms, or a unit outside
-            the counted module.
+            table) for units that are not AtomNAS atoms, a per-layer table
+            for AtomNAS atoms, or a unit outside the counted module.
     """
     terms, fns = [], {}
     atom_units = {n: u for n, u in units.items() if isinstance(u, AtomUnit)}
     if atom_units:
-        if not hasattr(cost, 'atom_costs'):
-            raise SearchRefused(
-                f'{type(cost).__name__}: costs the layers of channel units '
-                f'only; {next(iter(atom_units))} and the other AtomNAS '
-                'blocks need a per-block latency table (LatencyCost: '
-                'atom_latency_table.py on the AtomNAS config)')
         from .shrink import find_backbones
         for backbone in find_backbones(model).values():
             for block, fn in zip(backbone.blocks(),
