@@ -50,7 +50,7 @@ class PathRecord(Hook):
         if not (shrink.is_last_train_iter(runner) or
                 shrink.every_n_train_iters(runner, shrink.interval)):
             return
-        controller = shrink.controller
+        controller = shrink.planner.controller
         progress = (runner.iter + 1) / runner.max_iters
         self.rows.append(dict(
             iter=runner.iter + 1, path=controller.path(progress),
@@ -130,7 +130,7 @@ def main():
             hook = next(h for h in cfg.custom_hooks
                         if h.type.endswith('AtomShrinkHook'))
             if args.follow_path is not None:
-                hook.follow_path = args.follow_path == 'true'
+                hook.planner.follow_path = args.follow_path == 'true'
             if args.interval is not None:
                 hook.interval = max(1, round(
                     args.interval * args.epochs * -(-args.images // 128)

@@ -231,10 +231,10 @@ def train(cfg, extra_hooks=()):
                   arch=backbone.arch_dict(), seconds=seconds,
                   iters=runner.max_iters)
     shrink = [h for h in runner.hooks if type(h).__name__ == 'AtomShrinkHook']
-    if shrink and shrink[0].controller is not None:
+    if shrink and shrink[0].planner.controller is not None:
         # When the penalty brought the net within tolerance: before the
         # end, or only by the final shrink (which then cuts live atoms).
-        controller, history = shrink[0].controller, shrink[0].history
+        controller, history = shrink[0].planner.controller, shrink[0].history
         limit = controller.target * (1 + controller.tolerance)
         result['reached_iter'] = next(
             (h['iter'] for h in history if h['cost'] <= limit), None)

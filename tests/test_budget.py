@@ -27,7 +27,7 @@ def test_lands_on_flops_target_by_the_deadline_and_never_below(tmp_path):
     # shrink; from then on the penalty is off.
     landed = next(h['iter'] for h in history if h['flops'] <= target * 1.02)
     assert landed <= runner.max_iters // 2 + 2 < runner.max_iters
-    assert shrink_hook(runner).controller.landed
+    assert shrink_hook(runner).planner.controller.landed
     hub = runner.message_hub
     rhos = hub.get_scalar('train/penalty_rho').data[0]
     assert (rhos[landed:] == 0).all() and (rhos[:landed] > 0).any()
@@ -85,7 +85,7 @@ def test_lands_as_soon_as_the_live_net_is_on_the_target(tmp_path):
     assert runner.max_iters // 2 == 6  # the deadline
     assert hook.history[1]['iter'] == 2
     assert target <= hook.history[1]['cost'] <= target * 1.02
-    assert hook.controller.landed
+    assert hook.planner.controller.landed
     rhos = runner.message_hub.get_scalar('train/penalty_rho').data[0]
     assert (rhos[2:] == 0).all()
 
@@ -104,9 +104,9 @@ def test_follow_path_keeps_the_net_on_the_path(tmp_path):
               if h['iter'] <= runner.max_iters // 2]
     assert [h['iter'] for h in checks] == [2, 4, 6]  # one per check
     for h in checks:
-        path = hook.controller.path(h['iter'] / runner.max_iters)
+        path = hook.planner.controller.path(h['iter'] / runner.max_iters)
         assert path <= h['cost'] <= path * 1.01, h
-    assert hook.controller.landed
+    assert hook.planner.controller.landed
     flops = count_flops_params(runner.model.backbone, (1, 3, 32, 32))[0]
     assert target <= flops <= target * 1.02
 
@@ -128,8 +128,8 @@ def test_resume_continues_exactly(tmp_path):
                                                   rel=1e-5)
     assert resumed.model.backbone.arch_rows() == \
         runner.model.backbone.arch_rows()
-    assert shrink_hook(resumed).controller.scale == pytest.approx(
-        shrink_hook(runner).controller.scale)
+    assert shrink_hook(resumed).planner.controller.scale == pytest.approx(
+        shrink_hook(runner).planner.controller.scale)
 
 
 @pytest.mark.parametrize('target, match', [
@@ -172,7 +172,7 @@ def _worker(rank, work_dir, target):
     runner = build(cfg, [PerturbRank1()])
     runner.train()
     torch.save(dict(rows=runner.model.module.backbone.arch_rows(),
-                    scale=shrink_hook(runner).controller.scale),
+                    scale=shrink_hook(runner).planner.controller.scale),
                osp.join(work_dir, f'rank{rank}.pth'))
 
 

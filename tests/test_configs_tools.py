@@ -206,15 +206,15 @@ def test_search_config_builds(name):
     penalty, shrink = hooks[1], hooks[2]
     assert penalty.rho == pytest.approx(rho)
     assert penalty.warmup_epochs == 25 and penalty.warmup_iters is None
-    assert shrink.criterion.threshold == 1e-3
-    assert shrink.trigger.min_removed_flops == 1e6
-    assert shrink.cost.input_size == 224
+    assert shrink.planner.criterion.threshold == 1e-3
+    assert shrink.planner.trigger.min_removed_flops == 1e6
+    assert shrink.planner.cost.input_size == 224
     assert shrink.interval == 1 and shrink.by_epoch
     if name == 'atomnas_target.py':
-        assert shrink.controller.target == 300e6
-        assert shrink.controller.key == 'flops'
+        assert shrink.planner.controller.target == 300e6
+        assert shrink.planner.controller.key == 'flops'
     else:
-        assert shrink.controller is None
+        assert shrink.planner.controller is None
 
 
 def _fake_runner(cfg, world_size, epoch_length=None):

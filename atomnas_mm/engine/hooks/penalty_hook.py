@@ -211,9 +211,10 @@ class BNL1PenaltyHook(Hook):
     @staticmethod
     def _controller(runner):
         """The budget controller of an AtomShrinkHook, or None."""
-        return next((h.controller for h in getattr(runner, 'hooks', ())
+        return next((h.planner.controller
+                     for h in getattr(runner, 'hooks', ())
                      if isinstance(h, AtomShrinkHook)
-                     and h.controller is not None), None)
+                     and h.planner.controller is not None), None)
 
     def extra_loss(self, runner):
         """The terms to add to the loss at the current iteration; logs them.

@@ -15,11 +15,11 @@ from ...search.budget import BudgetController
 from ...search.costs import FLOPsCost, ParamsCost
 from ...search.policy import (MinFLOPsTrigger, ThresholdCriterion, build_part,
                               check_number)
-from ...search.shrink import (apply_plan, atom_costs, atom_strengths,
-                              backbone_cost, channel_widths, check_optimizer,
-                              check_plan, find_backbones, narrow_to_widths,
-                              plan_from_strengths, removed_cost,
-                              reshape_to_arch, shrink_optimizer, width_cost_of)
+from ...search.planner import ShrinkPlanner
+from ...search.shrink import (apply_plan, backbone_cost, channel_widths,
+                              check_optimizer, check_plan, find_backbones,
+                              narrow_to_widths, reshape_to_arch,
+                              shrink_optimizer, width_cost_of)
 from ...search.units import (AtomUnit, describe_skipped, find_units,
                              require_units)
 from ...fileio import atomic_write_json
@@ -111,24 +111,23 @@ class AtomShrinkHook(Hook):
             if given is not None and part is not None:
                 raise ValueError(f'{name}: give it or the policy part that '
                                  'replaces it, not both')
-        self.criterion = build_part(
+        criterion = build_part(
             criterion, ThresholdCriterion(
                 1e-3 if threshold is None else threshold), 'criterion')
-        self.trigger = build_part(
+        trigger = build_part(
             trigger, MinFLOPsTrigger(
                 1e6 if min_removed_flops is None else min_removed_flops),
             'trigger')
-        self.round_to = check_number('round_to', round_to, 1, integer=True)
-        self.controller = None
+        round_to = check_number('round_to', round_to, 1, integer=True)
+        controller = None
         if target is not None:
             if cost is not None:
                 raise ValueError('cost: a target brings its own cost model')
-            self.controller = BudgetController(
+            controller = BudgetController(
                 target, deadline, tolerance, input_size=input_size,
                 latency_table=latency_table, round_to=round_to)
-            cost = self.controller.cost
-        self.flops = FLOPsCost(input_size)  # for the logs, whatever the cost
-        self.cost = build_part(cost, self.flops, 'cost')
+            cost = controller.cost
+        flops = FLOPsCost(input_size)  # for the logs, whatever the cost
         self.interval = check_number('interval', interval, 1, integer=True)
         for name, value in (('by_epoch', by_epoch),
                             ('final_shrink', final_shrink)):
@@ -141,7 +140,9 @@ class AtomShrinkHook(Hook):
                              f'{follow_path!r}')
         if follow_path and target is None:
             raise ValueError('follow_path: needs a target')
-        self.follow_path = follow_path
+        self.planner = ShrinkPlanner(
+            criterion, trigger, build_part(cost, flops, 'cost'), flops,
+            controller, follow_path, round_to)
         self.history = []
 
     # -- triggers -----------------------------------------------------------
@@ -168,17 +169,18 @@ class AtomShrinkHook(Hook):
                         optim_wrapper, OptimWrapperDict) else ''))
         self._follow_load_narrowing(runner)
         check_optimizer(optim_wrapper.optimizer, model)
-        if self.controller is not None and \
-                self.controller.initial_cost is None:
-            low, high = self.controller.start(width_cost_of(model, self.cost))
+        controller = self.planner.controller
+        if controller is not None and controller.initial_cost is None:
+            low, high = controller.start(width_cost_of(model,
+                                                       self.planner.cost))
             # Channel units keep a channel each at the floor; AtomNAS blocks
             # empty whole residual blocks there instead (at 15% of the demo
             # supernet, 6% of its range above the floor, the search is fine).
-            near_floor = self.controller.target - low < 0.1 * (high - low)
+            near_floor = controller.target - low < 0.1 * (high - low)
             if near_floor and not any(isinstance(u, AtomUnit)
                                       for u in units.values()):
                 runner.logger.warning(
-                    f'AtomShrinkHook: the target {self.controller.target:.6g} '
+                    f'AtomShrinkHook: the target {controller.target:.6g} '
                     f'is within 10% of the smallest net this model allows '
                     f'({low:.6g}, every unit at its minimum width; full '
                     f'{high:.6g}): most units will be cut to a channel or '
@@ -206,79 +208,40 @@ class AtomShrinkHook(Hook):
     def plan_and_steer(self, runner, final=False):
         """The shrink plan, its cost, whether it lands the net on the
         budget and the per-channel costs (the model is costed once per
-        check); decided on rank 0, broadcast (with the budget controller's
-        new penalty scale)."""
-        model, ema = self._model(runner), self._ema_module(runner)
+        check); decided on rank 0 by the planner, broadcast (with the budget
+        controller's new penalty scale)."""
+        model, planner = self._model(runner), self.planner
         units = find_units(model)
-        widths = width_cost_of(model, self.cost, units) if (
-            self.controller is not None or not all(
-                isinstance(u, AtomUnit) for u in units.values())) else None
-        costs = atom_costs(model, self.cost, units, widths)
+        widths, costs = planner.costing(model, units)
         decision = [None, None, False]
         if is_main_process():
-            strengths = atom_strengths(model, self.criterion, ema,
-                                       final=final and ema is not None,
-                                       units=units)
-            if self.controller is None:
-                plan = plan_from_strengths(model, strengths, self.criterion,
-                                           units, round_to=self.round_to)
-                lands = False
-            else:
-                plan, lands = self._budget_plan(runner, model, units,
-                                                strengths, final, widths,
-                                                costs)
-            decision = [plan, None if self.controller is None
-                        else self.controller.scale, lands]
+            step = planner.plan(model, units, widths, costs,
+                                self._ema_module(runner),
+                                (runner.iter + 1) / runner.max_iters, final)
+            if planner.controller is not None:
+                self._log_budget(runner, step, final)
+            decision = [step.plan, None if planner.controller is None
+                        else planner.controller.scale, step.lands]
         broadcast_object_list(decision)
         plan, scale, lands = decision
         if scale is not None:
-            self.controller.scale = scale
-        return plan, removed_cost(model, plan, self.cost, costs), lands, \
-            costs
+            planner.controller.scale = scale
+        return plan, planner.removed(model, plan, costs), lands, costs
 
-    def _budget_plan(self, runner, model, units, strengths, final, widths,
-                     costs):
-        """Steer the penalty from the live cost; cap the plan at the target
-        (at the deadline and at the end: remove the weakest atoms down to
-        it). Returns the plan and whether it leaves the net on the target."""
-        controller = self.controller
-        total = widths.total
-        # The live cost counts atoms dead in the live weights: the EMA copy
-        # lags the penalty by its averaging window, a controller would wind
-        # up waiting for it.
-        dead_now = plan_from_strengths(
-            model, atom_strengths(model, self.criterion, units=units),
-            self.criterion, units)
-        live = total - removed_cost(model, dead_now, self.cost, costs)
-        progress = (runner.iter + 1) / runner.max_iters
-        if not self.follow_path:  # the removals follow the path instead
-            controller.update(live, progress)
-        runner.message_hub.update_scalar('train/budget_live_cost', live)
+    def _log_budget(self, runner, step, final):
+        controller = self.planner.controller
+        runner.message_hub.update_scalar('train/budget_live_cost', step.live)
         runner.message_hub.update_scalar('train/budget_scale',
                                          controller.factor)
-        # When due, the weakest atoms go down to the target, dead or not
-        # (the EMA copy may still lag the live weights).
-        force = controller.due(progress, final, live)
-        if force and not controller.lands(live):
+        if step.cut:
             # following the path, the deadline's cut is its last step
-            log = runner.logger.info if self.follow_path else \
-                runner.logger.warning
-            log(
+            (runner.logger.info if self.planner.follow_path else
+             runner.logger.warning)(
                 f'AtomShrinkHook: the penalty did not reach the target by '
-                f'the {"end" if final else "deadline"} ({live:.6g} > '
+                f'the {"end" if final else "deadline"} ({step.live:.6g} > '
                 f'{controller.target:.6g}); the weakest live atoms go down to '
                 'it (BN re-calibration follows when BNRecalibrationHook is '
                 'configured)')
-        floor = None
-        if not force and self.follow_path and not controller.landed and \
-                total > controller.path(progress):
-            # behind the path: the weakest channels go down to it
-            force, floor = True, controller.path(progress)
-        candidates = {name: torch.ones_like(s, dtype=torch.bool) if force
-                      else self.criterion.dead(s)
-                      for name, s in strengths.items()}
-        plan, after = controller.cap(widths, strengths, candidates, floor)
-        return plan, controller.lands(after)
 
     def shrink_if_due(self, runner, epoch, iteration, final=False):
         """Decide dead atoms and shrink when the trigger agrees (always when
@@ -296,14 +259,13 @@ class AtomShrinkHook(Hook):
             dict: The applied plan (empty when nothing was removed).
         """
         plan, cost, lands, costs = self.plan_and_steer(runner, final)
-        if plan and (lands or self.trigger(removed_cost(
-                self._model(runner), plan, self.flops,
-                costs if self.cost is self.flops else None), final)):
+        if self.planner.fires(self._model(runner), plan, costs, lands, final):
             self._shrink(runner, plan, epoch, iteration, cost)
         else:
             plan = {}
-        if lands and not self.controller.landed:
-            self.controller.landed = True
+        controller = self.planner.controller
+        if lands and not controller.landed:
+            controller.landed = True
             runner.logger.info(
                 'AtomShrinkHook: the backbone is on its target; the penalty '
                 'is off for the rest of training')
@@ -317,7 +279,7 @@ class AtomShrinkHook(Hook):
                     for name, keep in plan.items())
         if bound > 1e-6:
             # following the path, live channels go: the bound is a detail
-            (runner.logger.info if self.follow_path else
+            (runner.logger.info if self.planner.follow_path else
              runner.logger.warning)(
                 f'AtomShrinkHook: removed channels whose constant output is '
                 f'not folded exactly (SE gates, padded convs); eval outputs '
@@ -389,8 +351,8 @@ class AtomShrinkHook(Hook):
         meta['atomnas_arch'] = current_archs(self._model(runner))
         meta['channel_units'] = channel_widths(self._model(runner))
         meta['atomnas_history'] = self.history  # for flops.png after resume
-        if self.controller is not None:
-            meta['atomnas_budget'] = self.controller.state_dict()
+        if self.planner.controller is not None:
+            meta['atomnas_budget'] = self.planner.controller.state_dict()
         from ..search_settings import record  # checked on resume
         record(runner, checkpoint)
 
@@ -400,8 +362,9 @@ class AtomShrinkHook(Hook):
             from ..search_settings import check_resume
             check_resume(runner, checkpoint)  # SearchSettingsChanged
             self.history = list(meta.get('atomnas_history', []))
-            if self.controller is not None and 'atomnas_budget' in meta:
-                self.controller.load_state_dict(meta['atomnas_budget'])
+            controller = self.planner.controller
+            if controller is not None and 'atomnas_budget' in meta:
+                controller.load_state_dict(meta['atomnas_budget'])
         archs = meta.get('atomnas_arch')
         widths = meta.get('channel_units')
         model = self._model(runner)
@@ -421,10 +384,11 @@ class AtomShrinkHook(Hook):
     # -- bookkeeping ----------------------------------------------------------
     def _record(self, runner, epoch, iteration, removed, removed_cost=0.0):
         model = self._model(runner)
-        flops = backbone_cost(model, self.flops)
+        planner = self.planner
+        flops = backbone_cost(model, planner.flops)
         params = backbone_cost(model, ParamsCost())
-        cost = flops if self.cost is self.flops else \
-            backbone_cost(model, self.cost)
+        cost = flops if planner.cost is planner.flops else \
+            backbone_cost(model, planner.cost)
         archs = current_archs(model)
         widths = channel_widths(model)
         self.history.append(dict(epoch=epoch, iter=iteration, flops=flops,
@@ -436,7 +400,8 @@ class AtomShrinkHook(Hook):
         if removed is not None:
             runner.logger.info(
                 f'AtomShrinkHook: removed {sum(removed.values())} atoms '
-                f'({removed_cost / 1e6:.3f}M by {type(self.cost).__name__}) '
+                f'({removed_cost / 1e6:.3f}M by '
+                f'{type(planner.cost).__name__}) '
                 f'in epoch {epoch}, after iter {iteration}; backbone now '
                 f'{flops / 1e6:.3f}M FLOPs, {params / 1e6:.3f}M params, cost '
                 f'{cost:.6g}; per unit {removed}; '
