@@ -513,8 +513,9 @@ def measure_layer_table(model, input_shape, device='cpu', runtime='torch',
         units (dict, optional): The units (default: ``find_units``).
         repeats (int): A whole module's time is the median of this many.
         calibrate (int): Narrower nets measured whole to fit the scale,
-            every unit at ``1 / (calibrate + 1)``, ``2 / (calibrate + 1)``,
-            ... of its width (0: scale 1).
+            every unit at its narrowest (one channel, ``step`` when it is
+            wider), ``1 / calibrate``, ``2 / calibrate``, ... of its width
+            (0: scale 1).
 
     Returns:
         dict: The table (JSON-serialisable).
@@ -617,8 +618,8 @@ def measure_layer_table(model, input_shape, device='cpu', runtime='torch',
     nets = [model]
     for j in range(calibrate):
         net = copy.deepcopy(model)
-        narrow_to_widths(net, random_widths(
-            model, fraction=(j + 1) / (calibrate + 1), align=step))
+        narrow_to_widths(net, random_widths(model, fraction=j / calibrate,
+                                            align=step))
         nets.append(net)
     whole = [[] for _ in nets]
     for _ in range(repeats):
