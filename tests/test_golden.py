@@ -77,15 +77,36 @@ def tiny_search(work_dir):
 THREADS = 1
 
 
+def cpu_model():
+    """Vendor, family/model and the matrix/vector extensions of this CPU:
+    machines of one ISA level (``AVX512``) still pick different kernels
+    (measured: an AMX machine shrinks the same atoms a check later)."""
+    info = {}
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                key, _, value = line.partition(':')
+                info.setdefault(key.strip(), value.strip())
+    except OSError:
+        import platform
+        return platform.processor() or platform.machine()
+    isa = sorted(f for f in info.get('flags', '').split()
+                 if f.startswith(('avx512', 'amx')) or 'vnni' in f)
+    return f"{info.get('vendor_id')} {info.get('cpu family')}/" \
+        f"{info.get('model')} {' '.join(isa)}"
+
+
 def made_with():
     """What the tiny search's float summation order depends on."""
     return dict(torch=torch.__version__, threads=THREADS,
-                cpu=torch.backends.cpu.get_cpu_capability())
+                cpu=torch.backends.cpu.get_cpu_capability(),
+                cpu_model=cpu_model())
 
 
 # Elsewhere than ``made_with``: one atom's decision can flip (measured
 # between an AVX512 and another machine: one atom in two blocks, FLOPs
-# 1.2% apart).
+# 1.2% apart; between two AVX512 machines, one with AMX: the same final
+# net, an intermediate FLOPs count 1.2% apart).
 ATOMS_PER_BLOCK = 2
 FLOPS_REL = 0.03
 
