@@ -30,11 +30,12 @@ def run(args, cwd, timeout=600):
     return log
 
 
-# mmpretrain's MobileNetV2 recipe + the search hooks, unchanged but for tiny
-# data (16 images of 2 classes at 32 px, batch 4: 4 iterations an epoch), a
-# fixed seed, a smaller lr and a budget for 32 px checked every iteration.
-TINY_MBV2 = """
+# A stock mmpretrain recipe + the search hooks, unchanged but for tiny data
+# (16 images of 2 classes at 32 px, batch 4: 4 iterations an epoch), a fixed
+# seed, a smaller lr and a budget for 32 px checked every iteration.
+TINY_SEARCH = """
 _base_ = [{base!r}]
+custom_imports = dict(imports=['atomnas_mm'], allow_failed_imports=False)
 model = dict(head=dict(num_classes=2, topk=(1, )))
 pipeline = [dict(type='LoadImageFromFile'),
             dict(type='Resize', scale=32), dict(type='PackInputs')]
@@ -61,22 +62,26 @@ custom_hooks = [
 """
 
 
-def tiny_mbv2_search(tmp_path):
-    """The shipped MobileNetV2 search config on tiny data, the target 60%
-    of the backbone's FLOPs at 32 px; returns (config, full, target)."""
-    from mmpretrain.models import MobileNetV2
-    full = FLOPsCost(32).total(MobileNetV2())
+def tiny_search(tmp_path, net='mobilenet-v2'):
+    """The shipped MobileNetV2 search config (``net='resnet-18'``: a child
+    of mmpretrain's ResNet-18 config) on tiny data, the target 60% of the
+    backbone's FLOPs at 32 px; returns (config, full, target)."""
+    from mmpretrain.models import MobileNetV2, ResNet
+    full = FLOPsCost(32).total(
+        MobileNetV2() if net == 'mobilenet-v2' else ResNet(18))
+    base = {'mobilenet-v2': osp.join(
+        ROOT, 'configs/search/mobilenet-v2_8xb32_in1k_search.py'),
+        'resnet-18': 'mmpretrain::resnet/resnet18_8xb32_in1k.py'}[net]
     _write_images(str(tmp_path / 'images'), num_per_class=8)
-    cfg = tmp_path / 'mbv2_search.py'
-    cfg.write_text(TINY_MBV2.format(
-        base=osp.join(ROOT, 'configs/search/mobilenet-v2_8xb32_in1k_search.py'),
-        data=str(tmp_path / 'images'), target=0.6 * full))
+    cfg = tmp_path / f'{net}_search.py'
+    cfg.write_text(TINY_SEARCH.format(
+        base=base, data=str(tmp_path / 'images'), target=0.6 * full))
     return cfg, full, 0.6 * full
 
 
 @pytest.mark.slow
 def test_stock_mobilenet_v2_search_train_test_export(tmp_path):
-    cfg, full, target = tiny_mbv2_search(tmp_path)
+    cfg, full, target = tiny_search(tmp_path)
     work = tmp_path / 'work'
     log = run(['tools/train.py', str(cfg), '--work-dir', str(work)], ROOT)
     # 16 blocks' hidden channels, the stem, 7 residual streams, the last conv
@@ -163,7 +168,7 @@ log_level = 'INFO'
 
 @pytest.mark.slow
 def test_stock_search_resumes_and_runs_on_two_gloo_ranks(tmp_path):
-    cfg, _, target = tiny_mbv2_search(tmp_path)
+    cfg, _, target = tiny_search(tmp_path)
 
     # an uninterrupted run, then the same run 'killed' after epoch 1 (its
     # last checkpoint gone) and resumed: the same net, the same weights
@@ -201,15 +206,17 @@ def test_stock_search_resumes_and_runs_on_two_gloo_ranks(tmp_path):
 
 
 @pytest.mark.slow
-def test_stock_search_with_mmpretrain_s_own_tools(tmp_path):
+@pytest.mark.parametrize('net', ['mobilenet-v2', 'resnet-18'])
+def test_stock_search_with_mmpretrain_s_own_tools(net, tmp_path):
     """mmpretrain's own tools/train.py and tools/test.py (from its package)
-    on the shipped MobileNetV2 search config, tiny data: the budget lands in
+    on the shipped MobileNetV2 search config and a child of mmpretrain's
+    ResNet-18 config with the hooks, tiny data: the budget lands in
     [T, 1.02T] and its test tool loads the narrowed checkpoint."""
     import mmpretrain
     tools = osp.join(osp.dirname(mmpretrain.__file__), '.mim', 'tools')
     if not osp.isfile(osp.join(tools, 'train.py')):
         pytest.skip(f'mmpretrain has no packaged tools in {tools}')
-    cfg, full, target = tiny_mbv2_search(tmp_path)
+    cfg, full, target = tiny_search(tmp_path, net)
     work = tmp_path / 'work'
     log = run([osp.join(tools, 'train.py'), str(cfg), '--work-dir',
                str(work)], tmp_path)
