@@ -145,14 +145,21 @@ def test_detector_style_backbones_list_their_streams_as_skipped():
 @pytest.mark.parametrize('make', [
     lambda: classifier(50),
     lambda: classifier(50, deep_stem=True, avg_down=True),
-    lambda: classifier(50, backbone='ResNeXt', groups=4, width_per_group=4)],
-    ids=['r50', 'r50-v1d', 'resnext50'])
+    lambda: classifier(50, backbone='ResNeXt', groups=4, width_per_group=4),
+    lambda: classifier(50, norm_eval=True)],
+    ids=['r50', 'r50-v1d', 'resnext50', 'r50-norm-eval'])
 def test_removing_channels_dead_in_every_writer_is_exact(make):
     """Bottleneck streams and the stem: every reader is 1x1 or the fc, the
     constant of a dead channel (the writers' shifts through the additions
-    and ReLUs) folds exactly: the classifier's eval logits do not change.
-    A ResNeXt's streams are units too (its grouped conv2 is not)."""
-    model = calibrated(make()).double()
+    and ReLUs) folds exactly: the classifier's eval logits do not change
+    (with ``norm_eval`` its training-mode outputs neither: the folds go to
+    the running statistics its BNs use). A ResNeXt's streams are units too
+    (its grouped conv2 is not)."""
+    model = make()
+    norm_eval, model.backbone.norm_eval = model.backbone.norm_eval, False
+    model = calibrated(model).double()  # BN statistics of a few batches
+    model.backbone.norm_eval = norm_eval
+    model.train(norm_eval)
     units = stage_units(find_units(model))
     assert len(units) == 5
     plan = kill_every_other(units)
