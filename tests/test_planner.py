@@ -31,7 +31,7 @@ def check(p, model, progress, final=False):
 
 
 def test_without_a_budget_dead_channels_go_when_they_weigh_enough():
-    model = MobileNetV2(widen_factor=0.5)
+    model = MobileNetV2(widen_factor=0.25)
     unit = find_units(model)['layer2.0.conv.1.bn']
     with torch.no_grad():
         unit.gate.weight[:5] = 0
@@ -49,7 +49,7 @@ def test_without_a_budget_dead_channels_go_when_they_weigh_enough():
 
 
 def test_following_the_path_cuts_to_it_then_lands_at_the_deadline():
-    model = MobileNetV2(widen_factor=0.5)
+    model = MobileNetV2(widen_factor=0.25)
     full = backbone_cost(model, FLOPsCost(32))
     p = planner(target=0.4 * full, follow_path=True)
     p.controller.start(p.costing(model, find_units(model))[0])

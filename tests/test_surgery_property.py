@@ -37,6 +37,9 @@ MODELS = {
     # stem, hidden channels, residual streams, last conv into the head
     'mobilenet-v2-classifier': lambda: classifier(
         dict(type='MobileNetV2', widen_factor=0.5), 1280),
+    # the first block residual: its stream starts at the stem (not a unit)
+    'mobilenet-v2-0.25': lambda: classifier(
+        dict(type='MobileNetV2', widen_factor=0.25), 1280),
     'mobilenet-v3': lambda: MobileNetV3('small'),  # SE, HSwish
     'efficientnet': lambda: EfficientNet('b0'),  # SE, Swish
     'resnet-18-classifier': lambda: classifier(

@@ -171,6 +171,11 @@ class MobileNetV2StreamFinder:
                 streams.append([entry])
         if self.streams:
             for k, stream in enumerate(streams):
+                if stream[0][2].use_res_connect:  # the first block
+                    skipped.append((stream[0][1], 'its stream starts at the '
+                                    'stem (the first block is residual): '
+                                    'not searched'))
+                    continue
                 after = streams[k + 1][0] if k + 1 < len(streams) else None
                 unit = self._stream(prefix, net, stream, after, skipped)
                 if unit is not None:
