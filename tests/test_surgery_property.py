@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torchvision.models as tvm
 from mmpretrain.models import (EfficientNet, ImageClassifier, MobileNetV3,
-                               ResNet)
+                               ResNet, ResNetV1d)
 
 import atomnas_mm  # noqa: F401
 from atomnas_mm.models import AtomNAS
@@ -46,6 +46,10 @@ MODELS = {
         dict(type='ResNet', depth=18, base_channels=16, stem_channels=16),
         128),
     'resnet-50': lambda: ResNet(50, base_channels=16, stem_channels=16),
+    # deep stem, average-pooling downsample
+    'resnet-v1d-50': lambda: ResNetV1d(depth=50, base_channels=16,
+                                       stem_channels=16),
+    'torchvision-resnet-18': lambda: tvm.resnet18(num_classes=10),
     'atomnas': lambda: AtomNAS(arch=SUPERNET),
     # no hand-written finder: the tracing finder's units
     'torchvision-mobilenet-v2': lambda: tvm.mobilenet_v2(num_classes=10,
