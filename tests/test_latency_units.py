@@ -288,7 +288,7 @@ def test_measured_table_loads_and_predicts_the_full_model():
     names = {e['name']: e for e in table['layers']}
     assert names['layer1.0.conv1']['input_size'] == [4, 4]
     assert names['layer2.0.conv2']['input_size'] == [2, 2]
-    assert names['layer1.0.conv2']['in_widths'] == [1, 4]
+    assert names['layer1.0.conv2']['in_widths'] == [1, 2, 4]
     assert cost.total(model) == pytest.approx(table['model_ms'], rel=1e-6)
     narrow = copy.deepcopy(model)
     narrow_to_widths(narrow, {'layer1.0.bn1': [2]})
