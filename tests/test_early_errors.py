@@ -172,12 +172,15 @@ def test_a_target_near_the_floor_of_a_stock_model_is_warned_about(tmp_path):
     import logging
 
     from atomnas_mm.search.costs import FLOPsCost
+    from atomnas_mm.search.finders import SEARCH_FINDERS
     from atomnas_mm.search.shrink import width_cost_of
+    from atomnas_mm.search.units import find_units
     from mmpretrain.models import ResNet
     backbone = dict(type='ResNet', depth=18, base_channels=8,
                     stem_channels=8)
-    floor = width_cost_of(ResNet(18, base_channels=8, stem_channels=8),
-                          FLOPsCost(32)).smallest()
+    net = ResNet(18, base_channels=8, stem_channels=8)
+    floor = width_cost_of(net, FLOPsCost(32),
+                          find_units(net, SEARCH_FINDERS)).smallest()
     cfg = stock_cfg(tmp_path, backbone, 64)
     cfg['train_cfg'] = dict(by_epoch=True, max_epochs=1, val_interval=1)
     cfg['custom_hooks'] = [dict(
@@ -188,6 +191,13 @@ def test_a_target_near_the_floor_of_a_stock_model_is_warned_about(tmp_path):
     assert any(re.search(r'AtomShrinkHook: the target [0-9.e+]+ is within '
                          r'10% of the smallest net this model allows', m)
                for m in messages), messages
+    # below that floor: refused, naming the units the search leaves out
+    cfg['custom_hooks'][0]['target'] = dict(flops=floor * 0.5)
+    with pytest.raises(ValueError, match=r'outside the reachable range.*'
+                       r'more units of this model are not searched by '
+                       r'default \(e.g. backbone.layer1.0.bn2\): name their '
+                       r'finders in AtomShrinkHook\(finders=...\)'):
+        build(cfg).train()
 
 
 def test_no_near_floor_warning_for_atomnas_blocks(tmp_path):

@@ -14,7 +14,7 @@ import torch
 from .costs import FLOPsCost
 from .shrink import (atom_costs, atom_strengths, plan_from_strengths,
                      removed_cost, width_cost_of)
-from .units import AtomUnit
+from .units import AtomUnit, find_units, finder_parts, require_units
 
 
 class Step(NamedTuple):
@@ -48,10 +48,13 @@ class ShrinkPlanner:
             weakest channels (dead or not) go down to it; the penalty is not
             steered.
         round_to (int): Every shrunk group keeps a multiple of this width.
+        finders (list, optional): The finders of the searched units (parts
+            or config dicts; default
+            :data:`~atomnas_mm.search.finders.SEARCH_FINDERS`).
     """
 
     def __init__(self, criterion, trigger, cost, flops=None, controller=None,
-                 follow_path=False, round_to=1):
+                 follow_path=False, round_to=1, finders=None):
         self.criterion = criterion
         self.trigger = trigger
         self.cost = cost
@@ -59,6 +62,17 @@ class ShrinkPlanner:
         self.controller = controller
         self.follow_path = follow_path
         self.round_to = round_to
+        if finders is None:
+            from .finders import SEARCH_FINDERS
+            finders = SEARCH_FINDERS
+        self.finders = tuple(finder_parts(finders))
+
+    def units(self, model, where=None):
+        """The searched units of ``model``; with ``where``, refused with
+        :class:`SearchRefused` naming it when there is none."""
+        if where is not None:
+            return require_units(model, self.finders, where)
+        return find_units(model, self.finders)
 
     def costing(self, model, units):
         """The model's cost by unit widths (None when nothing needs it:

@@ -393,7 +393,9 @@ def _unwrap(model):
     return model.module if is_model_wrapper(model) else model
 
 
-def _finder_parts(finders):
+def finder_parts(finders):
+    """Finder parts from ``finders`` (parts or config dicts; None: the
+    default finders)."""
     if finders is None:
         from .finders import DEFAULT_FINDERS
         return DEFAULT_FINDERS
@@ -420,7 +422,7 @@ def find_units(model, finders=None, skipped=None, frozen=False):
     skipped = [] if skipped is None else skipped
     units = {}
     claimed = set()
-    for finder in _finder_parts(finders):
+    for finder in finder_parts(finders):
         for unit in finder(model, skipped, claimed):
             if unit.name in units:
                 raise SearchRefused(f'{unit.name}: claimed by two finders')

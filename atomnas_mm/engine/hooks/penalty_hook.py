@@ -9,6 +9,7 @@ from ...search.costs import FLOPsCost, set_penalty_weights
 from ...search.penalty import bn_l1_penalty, proximal_l1_step
 from ..weight_decay import weight_decay_loss
 from ...search.shrink import atom_costs, find_backbones
+from ...search.finders import SEARCH_FINDERS
 from ...search.units import AtomUnit, require_units
 from ...search.policy import LinearRampSchedule, build_part, check_number
 from .shrink_hook import AtomShrinkHook
@@ -113,16 +114,19 @@ class BNL1PenaltyHook(Hook):
             else runner.model
         narrowed = any(m.__dict__.get('load_remap')
                        for m in model.modules())
-        if narrowed and not any(isinstance(h, AtomShrinkHook)
-                                for h in runner.hooks):
+        shrink = next((h for h in runner.hooks
+                       if isinstance(h, AtomShrinkHook)), None)
+        if narrowed and shrink is None:
             raise ValueError(
                 'BNL1PenaltyHook: the model narrowed itself to the loaded '
                 'checkpoint after the Runner built the optimizer; add '
                 'atomnas_mm.AtomShrinkHook to custom_hooks (it makes the '
                 'optimizer and EMA follow) or build the backbone with the '
                 "checkpoint's arch (meta['atomnas_arch'], arch.json)")
-        units = require_units(model, where='BNL1PenaltyHook')[0] \
-            if self.rho != 0 else {}
+        # the units the shrink hook searches (its finders)
+        units = require_units(
+            model, shrink.planner.finders if shrink else SEARCH_FINDERS,
+            where='BNL1PenaltyHook')[0] if self.rho != 0 else {}
         self.units = units  # modules stay: valid across shrinks
         controller = self._controller(runner)
         self.proximal_step = controller is not None \

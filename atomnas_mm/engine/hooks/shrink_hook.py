@@ -20,8 +20,7 @@ from ...search.shrink import (apply_plan, backbone_cost, channel_widths,
                               check_optimizer, check_plan, find_backbones,
                               narrow_to_widths, reshape_to_arch,
                               shrink_optimizer, width_cost_of)
-from ...search.units import (AtomUnit, describe_skipped, find_units,
-                             require_units)
+from ...search.units import AtomUnit, describe_skipped, find_units
 from ...fileio import atomic_write_json
 from ...visualization import draw_arch, draw_flops_curve, save_image_or_warn
 
@@ -94,6 +93,11 @@ class AtomShrinkHook(Hook):
             runtime (README, "Hardware-aligned widths"); a group narrower
             than it keeps its width. With ``target`` the budget counts with
             it.
+        finders (list, optional): Finder parts (config dicts) of the units
+            to search (default
+            :data:`~atomnas_mm.search.finders.SEARCH_FINDERS`: every finder
+            but ``ResNetStreamFinder``; add it to search a ResNet's stage
+            channels too, docs/search_any_model.md).
     """
 
     # Before EMAHook (ABOVE_NORMAL in mmpretrain configs), so that
@@ -104,7 +108,7 @@ class AtomShrinkHook(Hook):
                  by_epoch=True, input_size=224, final_shrink=True,
                  criterion=None, trigger=None, cost=None, target=None,
                  deadline=0.5, tolerance=0.02, latency_table=None,
-                 follow_path=False, round_to=1):
+                 follow_path=False, round_to=1, finders=None):
         for name, given, part in (('threshold', threshold, criterion),
                                   ('min_removed_flops', min_removed_flops,
                                    trigger)):
@@ -142,13 +146,13 @@ class AtomShrinkHook(Hook):
             raise ValueError('follow_path: needs a target')
         self.planner = ShrinkPlanner(
             criterion, trigger, build_part(cost, flops, 'cost'), flops,
-            controller, follow_path, round_to)
+            controller, follow_path, round_to, finders)
         self.history = []
 
     # -- triggers -----------------------------------------------------------
     def before_train(self, runner):
         model = self._model(runner)
-        units, skipped = require_units(model, where='AtomShrinkHook')
+        units, skipped = self.planner.units(model, where='AtomShrinkHook')
         runner.logger.info(
             f'AtomShrinkHook: searching {len(units)} channel units ('
             f'{sum(u.num_channels for u in units.values())} channels)' + (
@@ -171,8 +175,18 @@ class AtomShrinkHook(Hook):
         check_optimizer(optim_wrapper.optimizer, model)
         controller = self.planner.controller
         if controller is not None and controller.initial_cost is None:
-            low, high = controller.start(width_cost_of(model,
-                                                       self.planner.cost))
+            try:
+                low, high = controller.start(width_cost_of(
+                    model, self.planner.cost, units))
+            except ValueError as e:
+                left = [n for n in find_units(model) if n not in units]
+                if not left:
+                    raise
+                raise ValueError(
+                    f'{e}; {len(left)} more units of this model are not '
+                    f'searched by default (e.g. {left[0]}): name their '
+                    'finders in AtomShrinkHook(finders=...) to search them '
+                    'too (docs/search_any_model.md)') from None
             # Channel units keep a channel each at the floor; AtomNAS blocks
             # empty whole residual blocks there instead (at 15% of the demo
             # supernet, 6% of its range above the floor, the search is fine).
@@ -211,7 +225,7 @@ class AtomShrinkHook(Hook):
         check); decided on rank 0 by the planner, broadcast (with the budget
         controller's new penalty scale)."""
         model, planner = self._model(runner), self.planner
-        units = find_units(model)
+        units = planner.units(model)
         widths, costs = planner.costing(model, units)
         decision = [None, None, False]
         if is_main_process():
