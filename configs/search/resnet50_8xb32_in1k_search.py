@@ -6,8 +6,8 @@
 #       WORK_DIR/epoch_100.pth            # the unedited config, the narrow net
 #
 # Channel units (docs/search_any_model.md): each bottleneck's inner widths
-# (gated by bn1 and bn2), the stem, and each stage's residual stream (gated
-# by every BN that writes it; the last stage's is read by the fc). The target
+# (gated by bn1 and bn2); the stage channels (residual streams) too when
+# AtomShrinkHook names ResNetStreamFinder in its finders. The target
 # is half of the backbone's 4.1G multiply-adds at 224 px, reached by half of
 # training along a linear path; the rest fine-tunes the final net.
 _base_ = 'mmpretrain::resnet/resnet50_8xb32_in1k.py'
