@@ -197,6 +197,24 @@ def calibrated(model, seed=0, size=32):
     return model
 
 
+def train_logging(runner, level=0):
+    """Train ``runner``; the messages of its logger at ``level`` or above
+    (whatever the config's ``log_level``)."""
+    records = []
+    handler = logging.Handler(level)
+    handler.emit = records.append
+    logger = MMLogger.get_current_instance()
+    logger.addHandler(handler)
+    old = logger.level
+    logger.setLevel(min(old, level) if level else 0)
+    try:
+        runner.train()
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old)
+    return [r.getMessage() for r in records]
+
+
 def unique_name(prefix='toy'):
     """An experiment name no other Runner of this session has."""
     return f'{prefix}-{uuid.uuid4().hex[:12]}'

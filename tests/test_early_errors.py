@@ -8,7 +8,7 @@ import torch.nn as nn
 from atomnas_mm.engine.hooks import AtomShrinkHook, BNL1PenaltyHook
 from atomnas_mm.models import AtomNAS
 from atomnas_mm.search import shrink_model
-from harness import RecordHook, build, make_cfg
+from harness import RecordHook, build, make_cfg, train_logging
 
 ROW = [24, 1, 2, [3, 5], [8, 4], True]
 
@@ -148,22 +148,6 @@ def test_a_failing_shrink_leaves_everything_as_it_was():
     for k, v in net.state_dict().items():
         assert torch.equal(v, state[k]), k
     assert isinstance(net.layer2[0].expand.conv, nn.Conv2d)
-
-
-def train_logging(runner, level=0):
-    """Train ``runner``; the messages of its logger at ``level`` or above."""
-    import logging
-
-    from mmengine.logging import MMLogger
-    records = []
-    handler = logging.Handler(level)
-    handler.emit = records.append
-    MMLogger.get_current_instance().addHandler(handler)
-    try:
-        runner.train()
-    finally:
-        MMLogger.get_current_instance().removeHandler(handler)
-    return [r.getMessage() for r in records]
 
 
 def test_a_target_near_the_floor_of_a_stock_model_is_warned_about(tmp_path):

@@ -1,7 +1,9 @@
 """Latency tables: measure -> predict round trip, the cost model, the tool,
 and a latency budget through the Runner."""
 import json
+import logging
 import os.path as osp
+import re
 import subprocess
 import sys
 
@@ -15,7 +17,7 @@ from atomnas_mm.search.costs import LatencyCost
 from atomnas_mm.search.shrink import (apply_plan, removed_cost,
                                       searchable_blocks, width_cost_of)
 from atomnas_mm.search.latency import measure_table, random_subnet
-from harness import SUPERNET, budget_cfg, build, shrink_hook
+from harness import SUPERNET, budget_cfg, build, shrink_hook, train_logging
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
@@ -149,9 +151,11 @@ def test_latency_target_lands_through_the_runner(tmp_path):
     cfg = budget_cfg(str(tmp_path / 'work'), dict(latency_ms=target))
     cfg['custom_hooks'][2]['latency_table'] = str(path)
     runner = build(cfg)
-    runner.train()
+    messages = train_logging(runner, logging.INFO)
     predicted = LatencyCost(table).total(runner.model.backbone)
     assert target <= predicted <= target * 1.02
+    assert any(re.search(r'AtomShrinkHook: removed \d+ atoms \([0-9.e+-]+ ms '
+                         r'by LatencyCost\)', m) for m in messages), messages
     # The penalty weights are the table's per-atom latencies (all equal).
     weights = runner.model.backbone.blocks()[1].penalty_weight
     assert weights.numel() == 0 or weights.std() < 1e-6

@@ -412,10 +412,12 @@ class AtomShrinkHook(Hook):
         runner.message_hub.update_scalar('train/backbone_flops', flops)
         runner.message_hub.update_scalar('train/backbone_params', params)
         if removed is not None:
+            amount = f'{removed_cost / 1e6:.3f}M' if isinstance(
+                planner.cost, (FLOPsCost, ParamsCost)) else \
+                f'{removed_cost:.4g} ms'
             runner.logger.info(
                 f'AtomShrinkHook: removed {sum(removed.values())} atoms '
-                f'({removed_cost / 1e6:.3f}M by '
-                f'{type(planner.cost).__name__}) '
+                f'({amount} by {type(planner.cost).__name__}) '
                 f'in epoch {epoch}, after iter {iteration}; backbone now '
                 f'{flops / 1e6:.3f}M FLOPs, {params / 1e6:.3f}M params, cost '
                 f'{cost:.6g}; per unit {removed}; '
