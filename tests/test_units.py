@@ -20,7 +20,7 @@ from atomnas_mm.search.shrink import (apply_plan, backbone_cost,
                                       width_cost_of)
 from atomnas_mm.search.units import (AtomUnit, SearchRefused, find_units,
                                      require_units)
-from harness import ROOT, SUPERNET
+from harness import ROOT, SUPERNET, calibrated
 
 
 def randomised(model, seed=0):
@@ -49,30 +49,6 @@ def kill_every_other(units):
                 gamma[start % 2::2] = 0
         plan[name] = torch.arange(1, unit.num_channels, 2)
     return plan
-
-
-def calibrated(model, seed=0):
-    """Random BN scales and shifts, running statistics from a few batches:
-    the eval output depends on the input through the whole net (random
-    running statistics saturate MobileNetV2's ReLU6 layers)."""
-    gen = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            with torch.no_grad():
-                m.weight.copy_(torch.rand(m.weight.shape, generator=gen) + .5)
-                m.bias.copy_(torch.randn(m.bias.shape, generator=gen) * .3)
-            m.reset_running_stats()
-            m.momentum = None
-    model.train()
-    with torch.no_grad():
-        classifier = hasattr(model, 'head')
-        for _ in range(2):
-            x = torch.randn(8, 3, 32, 32, generator=gen)
-            model(x, mode='tensor') if classifier else model(x)
-        if classifier:
-            model.head.fc.weight.normal_(generator=gen)
-            model.head.fc.bias.normal_(generator=gen)
-    return model.eval()
 
 
 def mbv2_classifier(widen_factor=0.5, **backbone):
