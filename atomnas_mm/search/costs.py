@@ -623,11 +623,12 @@ class LayerLatencyCost:
     def total(self, root):
         positions = self.layer_positions(root)
         return self.table['fixed_ms'] + sum(
-            self.layer_cost(layer, *_layer_widths(layer), None, where)
+            self.layer_cost(layer, *layer_channels(layer), None, where)
             for layer, where in positions.items() if where[1] is not None)
 
 
-def _layer_widths(layer):
+def layer_channels(layer):
+    """``(input, output)`` channels of a Conv2d / Linear."""
     if isinstance(layer, nn.Linear):
         return layer.in_features, layer.out_features
     return layer.in_channels, layer.out_channels
@@ -792,10 +793,7 @@ def width_cost(model, cost, units, total):
 
 
 def _layer_term(cost, layer, src, dst, depthwise, positions):
-    c_in = layer.in_features if isinstance(layer, nn.Linear) else \
-        layer.in_channels
-    c_out = layer.out_features if isinstance(layer, nn.Linear) else \
-        layer.out_channels
+    c_in, c_out = layer_channels(layer)
     groups = getattr(layer, 'groups', 1)
 
     def term(state):

@@ -33,7 +33,8 @@ from torch.utils import benchmark
 from ..models.blocks import AtomicBlock
 from .costs import (FORMS, LAYER_TABLE_VERSION, RUNTIMES, TABLE_VERSION,
                     LatencyCost, LayerLatencyCost, is_depthwise,
-                    latency_cost, layer_geometry, search_root, unit_layers)
+                    latency_cost, layer_channels, layer_geometry,
+                    search_root, unit_layers)
 
 
 def measure_ms(module, x, min_run_time=0.1):
@@ -559,8 +560,7 @@ def measure_layer_table(model, input_shape, device='cpu', runtime='torch',
     grids = []
     for layer, src, dst, depthwise in layers:
         name = names[id(layer)]
-        c_in, c_out = layer_geometry(layer)['in_channels'], \
-            layer_geometry(layer)['out_channels']
+        c_in, c_out = layer_channels(layer)
         if depthwise and not is_depthwise(layer) or not depthwise and \
                 getattr(layer, 'groups', 1) != 1:
             raise ValueError(f'{name}: a grouped conv ({layer.groups} groups, '
