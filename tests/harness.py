@@ -215,6 +215,21 @@ def train_logging(runner, level=0):
     return [r.getMessage() for r in records]
 
 
+def remove_at_random(widths, seed=1):
+    """Remove a random number of every unit's channels from ``widths`` (a
+    :class:`~atomnas_mm.search.costs.WidthCost`), at least one kept, one
+    channel at a time; returns the plan keeping the first channels."""
+    gen = torch.Generator().manual_seed(seed)
+    plan = {}
+    for name, unit in widths.units.items():
+        keep = int(torch.randint(1, unit.num_channels + 1, (),
+                                 generator=gen))
+        for _ in range(unit.num_channels - keep):
+            widths.remove(name, 0)
+        plan[name] = torch.arange(keep)
+    return plan
+
+
 def unique_name(prefix='toy'):
     """An experiment name no other Runner of this session has."""
     return f'{prefix}-{uuid.uuid4().hex[:12]}'

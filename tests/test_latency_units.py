@@ -23,7 +23,7 @@ from atomnas_mm.search.latency import (fit_layers, layer_widths,
 from atomnas_mm.search.shrink import (apply_plan, backbone_cost,
                                       narrow_to_widths, width_cost_of)
 from atomnas_mm.search.units import SearchRefused, find_units
-from harness import ROOT, SUPERNET, demo_cmd
+from harness import ROOT, SUPERNET, demo_cmd, remove_at_random
 
 MBV2_DEMO = osp.join(ROOT, 'configs/demo/mobilenet-v2_fashion_mnist_search.py')
 TOOL = osp.join(ROOT, 'tools/analysis_tools/atom_latency_table.py')
@@ -145,14 +145,7 @@ def test_width_cost_predicts_the_shrunk_model(name):
     assert isinstance(cost, LayerLatencyCost)
     widths = width_cost_of(model, cost)
     assert widths.total == pytest.approx(expected_ms(table, model))
-    gen = torch.Generator().manual_seed(1)
-    plan = {}
-    for unit_name, unit in widths.units.items():
-        keep = int(torch.randint(1, unit.num_channels + 1, (),
-                                 generator=gen))
-        for _ in range(unit.num_channels - keep):
-            widths.remove(unit_name, 0)
-        plan[unit_name] = torch.arange(keep)
+    plan = remove_at_random(widths)
     low = widths.smallest()
     apply_plan(model, plan)
     assert backbone_cost(model, cost) == pytest.approx(widths.total,

@@ -16,7 +16,7 @@ from atomnas_mm.search.shrink import (apply_plan, backbone_cost,
                                       channel_widths, plan_shrink,
                                       width_cost_of)
 from atomnas_mm.search.units import ResidualUnit, find_units
-from harness import ROOT
+from harness import ROOT, remove_at_random
 from test_units import calibrated, kill_every_other
 
 
@@ -245,13 +245,7 @@ def test_width_cost_of_the_stage_units_predicts_the_shrunk_model(make, cost):
     widths = width_cost_of(model, cost)
     assert widths.total == backbone_cost(model, cost)
     assert stage_units(widths.units)
-    gen = torch.Generator().manual_seed(2)
-    plan = {}
-    for name, unit in widths.units.items():
-        keep = int(torch.randint(1, unit.num_channels + 1, (),
-                                 generator=gen))
-        widths.remove(name, 0, unit.num_channels - keep)
-        plan[name] = torch.arange(keep)
+    plan = remove_at_random(widths, seed=2)
     apply_plan(model, plan)
     assert backbone_cost(model, cost) == widths.total
 

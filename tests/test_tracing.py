@@ -22,7 +22,7 @@ from atomnas_mm.search.finders import (DEFAULT_FINDERS, MobileNetV2Finder,
 from atomnas_mm.search.shrink import apply_plan, backbone_cost, width_cost_of
 from atomnas_mm.search.tracing import TracingFinder
 from atomnas_mm.search.units import SearchRefused, find_units, require_units
-from harness import ROOT, calibrated
+from harness import ROOT, calibrated, remove_at_random
 
 
 def traced(model, fallback=False):
@@ -245,13 +245,7 @@ def test_width_cost_predicts_the_shrunk_model(make, cost):
     model = make()
     widths = width_cost_of(model, cost)
     assert widths.units and widths.total == backbone_cost(model, cost)
-    gen = torch.Generator().manual_seed(1)
-    plan = {}
-    for name, unit in widths.units.items():
-        keep = int(torch.randint(1, unit.num_channels + 1, (), generator=gen))
-        for _ in range(unit.num_channels - keep):
-            widths.remove(name, 0)
-        plan[name] = torch.arange(keep)
+    plan = remove_at_random(widths)
     apply_plan(model, plan)
     assert backbone_cost(model, cost) == widths.total
 

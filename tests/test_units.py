@@ -20,7 +20,7 @@ from atomnas_mm.search.shrink import (apply_plan, backbone_cost,
                                       width_cost_of)
 from atomnas_mm.search.units import (AtomUnit, SearchRefused, find_units,
                                      require_units)
-from harness import ROOT, SUPERNET, calibrated
+from harness import ROOT, SUPERNET, calibrated, remove_at_random
 
 
 def randomised(model, seed=0):
@@ -140,14 +140,7 @@ def test_width_cost_predicts_the_shrunk_model(name, cost):
     model = STOCK[name]()
     widths = width_cost_of(model, cost)
     assert widths.total == backbone_cost(model, cost)
-    gen = torch.Generator().manual_seed(1)
-    plan = {}
-    for unit_name, unit in widths.units.items():
-        keep = int(torch.randint(1, unit.num_channels + 1, (),
-                                 generator=gen))
-        for _ in range(unit.num_channels - keep):
-            widths.remove(unit_name, 0)
-        plan[unit_name] = torch.arange(keep)
+    plan = remove_at_random(widths)
     low = widths.smallest()
     apply_plan(model, plan)
     assert backbone_cost(model, cost) == widths.total
