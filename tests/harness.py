@@ -215,6 +215,31 @@ def train_logging(runner, level=0):
     return [r.getMessage() for r in records]
 
 
+def write_images(root, num_per_class):
+    """Random 40x48 PNG images of two classes (``cat``, ``dog``) under
+    ``root``, for mmpretrain's ``CustomDataset``."""
+    import cv2
+    import numpy as np
+    rng = np.random.default_rng(0)
+    for cls in ('cat', 'dog'):
+        os.makedirs(osp.join(root, cls), exist_ok=True)
+        for i in range(num_per_class):
+            img = rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)
+            cv2.imwrite(osp.join(root, cls, f'{i}.png'), img)
+
+
+def kill_every_other(units):
+    """Zero the even channels' scales in every gate of every unit (a
+    residual stream's in all its writers); the plan removing them."""
+    plan = {}
+    for name, unit in units.items():
+        with torch.no_grad():
+            for gamma, start in unit.gamma_slices():
+                gamma[start % 2::2] = 0
+        plan[name] = torch.arange(1, unit.num_channels, 2)
+    return plan
+
+
 def remove_at_random(widths, seed=1):
     """Remove a random number of every unit's channels from ``widths`` (a
     :class:`~atomnas_mm.search.costs.WidthCost`), at least one kept, one

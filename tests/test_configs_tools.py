@@ -26,7 +26,7 @@ import atomnas_mm  # noqa: F401
 import atomnas_mm.engine.ema as ema_module
 from atomnas_mm.models import supernet_rows
 from atomnas_mm.utils import cpu_ddp_workaround
-from harness import free_port
+from harness import free_port, write_images
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 MODEL_CONFIGS = sorted(glob.glob(osp.join(ROOT, 'configs/_base_/models/*.py')))
@@ -400,16 +400,6 @@ def test_get_flops_atomnas_a(tmp_path):
     assert 'pkg_resources' not in out.stderr
 
 
-def _write_images(root, num_per_class):
-    import cv2
-    rng = np.random.default_rng(0)
-    for cls in ('cat', 'dog'):
-        os.makedirs(osp.join(root, cls), exist_ok=True)
-        for i in range(num_per_class):
-            img = rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)
-            cv2.imwrite(osp.join(root, cls, f'{i}.png'), img)
-
-
 # The retrain recipe unchanged (optimizer, schedules, auto_scale_lr, EMA,
 # weight decay and BN recalibration hooks) on 4 tiny images of 2 classes.
 TINY_CONFIG = """
@@ -448,7 +438,7 @@ default_hooks = dict(logger=dict(interval=1),
 @pytest.fixture(scope='module')
 def tiny_config(tmp_path_factory):
     tmp = tmp_path_factory.mktemp('tiny')
-    _write_images(str(tmp / 'images'), num_per_class=2)
+    write_images(str(tmp / 'images'), num_per_class=2)
     path = tmp / 'tiny_atomnas_a.py'
     path.write_text(TINY_CONFIG.format(
         base=osp.join(ROOT, 'configs/retrain/atomnas-a_in1k.py'),

@@ -16,8 +16,7 @@ from atomnas_mm.search.shrink import (apply_plan, backbone_cost,
                                       channel_widths, plan_shrink,
                                       width_cost_of)
 from atomnas_mm.search.units import ResidualUnit, find_units
-from harness import ROOT, remove_at_random
-from test_units import calibrated, kill_every_other
+from harness import ROOT, calibrated, kill_every_other, remove_at_random
 
 
 def small(depth, **backbone):

@@ -15,7 +15,7 @@ import torch
 
 import atomnas_mm  # noqa: F401
 from atomnas_mm.search.costs import FLOPsCost
-from test_configs_tools import _write_images
+from harness import write_images
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 ENV = dict(os.environ, PYTHONWARNINGS='ignore', OMP_NUM_THREADS='1')
@@ -72,7 +72,7 @@ def tiny_search(tmp_path, net='mobilenet-v2'):
     base = {'mobilenet-v2': osp.join(
         ROOT, 'configs/search/mobilenet-v2_8xb32_in1k_search.py'),
         'resnet-18': 'mmpretrain::resnet/resnet18_8xb32_in1k.py'}[net]
-    _write_images(str(tmp_path / 'images'), num_per_class=8)
+    write_images(str(tmp_path / 'images'), num_per_class=8)
     cfg = tmp_path / f'{net}_search.py'
     cfg.write_text(TINY_SEARCH.format(
         base=base, data=str(tmp_path / 'images'), target=0.6 * full))

@@ -22,7 +22,7 @@ from atomnas_mm.search.finders import (DEFAULT_FINDERS, MobileNetV2Finder,
 from atomnas_mm.search.shrink import apply_plan, backbone_cost, width_cost_of
 from atomnas_mm.search.tracing import TracingFinder
 from atomnas_mm.search.units import SearchRefused, find_units, require_units
-from harness import ROOT, calibrated, remove_at_random
+from harness import ROOT, calibrated, remove_at_random, write_images
 
 
 def traced(model, fallback=False):
@@ -289,9 +289,8 @@ custom_hooks = [
 
 @pytest.mark.slow
 def test_vgg_search_through_train_and_test(tmp_path):
-    from test_configs_tools import _write_images
     full = FLOPsCost(32).total(VGG(11, norm_cfg=dict(type='BN')))
-    _write_images(str(tmp_path / 'images'), num_per_class=8)
+    write_images(str(tmp_path / 'images'), num_per_class=8)
     cfg = tmp_path / 'vgg_search.py'
     cfg.write_text(TINY_VGG.format(data=str(tmp_path / 'images'),
                                    target=0.6 * full))

@@ -20,7 +20,8 @@ from atomnas_mm.search.shrink import (apply_plan, backbone_cost,
                                       width_cost_of)
 from atomnas_mm.search.units import (AtomUnit, SearchRefused, find_units,
                                      require_units)
-from harness import ROOT, SUPERNET, calibrated, remove_at_random
+from harness import (ROOT, SUPERNET, calibrated, kill_every_other,
+                     remove_at_random)
 
 
 def randomised(model, seed=0):
@@ -37,18 +38,6 @@ def randomised(model, seed=0):
                                                generator=gen) + .5)
     model.eval()
     return model
-
-
-def kill_every_other(units):
-    """Zero the even channels' scales in every gate of every unit (a
-    residual stream's in all its writers); the plan removing them."""
-    plan = {}
-    for name, unit in units.items():
-        with torch.no_grad():
-            for gamma, start in unit.gamma_slices():
-                gamma[start % 2::2] = 0
-        plan[name] = torch.arange(1, unit.num_channels, 2)
-    return plan
 
 
 def mbv2_classifier(widen_factor=0.5, **backbone):
