@@ -346,3 +346,60 @@ def test_stream_combine_is_a_finder_option():
     assert isinstance(unit, ResidualUnit) and unit.combine == 'sum'
     with pytest.raises(ValueError, match='combine: one of'):
         ResNetStreamFinder(combine='mean')
+
+
+# The ResNet-18 demo search with the stage streams named in its finders
+# (a user's child config), target 30% of the backbone.
+STREAMS_CHILD = """
+_base_ = [{base!r}]
+custom_hooks = [
+    dict(type='EMAHook', momentum=0.5, update_buffers=True,
+         priority='ABOVE_NORMAL'),
+    dict(type='atomnas_mm.BNL1PenaltyHook', rho=3e-3, warmup_epochs=0),
+    dict(type='atomnas_mm.AtomShrinkHook', target=dict(flops=10e6),
+         deadline=0.5, interval=1, by_epoch=False, input_size=28,
+         follow_path=True, finders=[dict(type='ResNetFinder'),
+                                    dict(type='ResNetStreamFinder')]),
+    dict(type='atomnas_mm.BNRecalibrationHook', num_batches=1),
+]
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not osp.isdir('/usr/share/datasets/fashion-mnist'),
+                    reason='needs the Debian package dataset-fashion-mnist '
+                    '(tools/install.sh installs it when apt is available)')
+def test_streams_searched_from_a_config_through_train_and_test(tmp_path):
+    """tools/train.py on a child of the ResNet-18 demo search whose
+    AtomShrinkHook names ResNetStreamFinder: the target lands, stage widths
+    shrink; tools/test.py loads the checkpoint with that config."""
+    import subprocess
+    import sys
+
+    from harness import demo_cmd
+    cfg = tmp_path / 'r18_streams.py'
+    cfg.write_text(STREAMS_CHILD.format(base=osp.join(
+        ROOT, 'configs/demo/resnet-18_fashion_mnist_search.py')))
+    work, cache = tmp_path / 'work', tmp_path / 'data'
+    out = subprocess.run(demo_cmd(work, cache, config=str(cfg)),
+                         cwd=str(tmp_path), capture_output=True, text=True,
+                         timeout=900)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    ckpt = torch.load(work / 'epoch_2.pth', weights_only=True)
+    assert 10e6 <= ckpt['meta']['atomnas_history'][-1]['flops'] <= 1.02e7
+    full = ResNet(18, in_channels=1)
+    start = {n: u.num_channels for n, u in find_units(full).items()
+             if isinstance(u, ResidualUnit)}
+    widths = ckpt['meta']['channel_units']
+    assert start and any(widths[f'backbone.{n}'] != [w]
+                         for n, w in start.items())
+    out = subprocess.run(
+        [sys.executable, osp.join(ROOT, 'tools/test.py'), str(cfg),
+         str(work / 'epoch_2.pth'), '--work-dir', str(tmp_path / 'test'),
+         '--cfg-options', f'test_dataloader.dataset.cache_dir={cache}',
+         'test_dataloader.dataset.indices=32',
+         'test_dataloader.num_workers=0',
+         'test_dataloader.persistent_workers=False'],
+        cwd=str(tmp_path), capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    assert 'accuracy/top1' in out.stdout + out.stderr
