@@ -26,7 +26,7 @@ import atomnas_mm  # noqa: F401
 import atomnas_mm.engine.ema as ema_module
 from atomnas_mm.models import supernet_rows
 from atomnas_mm.utils import cpu_ddp_workaround
-from harness import free_port, write_images
+from harness import free_port, run_dist_train, write_images
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 MODEL_CONFIGS = sorted(glob.glob(osp.join(ROOT, 'configs/_base_/models/*.py')))
@@ -529,9 +529,10 @@ def test_dist_train_two_cpu_processes(tiny_config, tmp_path):
     work_dir = str(tmp_path / 'work')
     env = dict(ENV, PYTHON=PYTHON, PORT=str(free_port()))
     # 4 images on 2 ranks with batch 2: 1 iteration per epoch, 2 epochs.
-    _run(['bash', osp.join(ROOT, 'tools/dist_train.sh'), tiny_config, '2',
-          '--work-dir', work_dir, '--cfg-options', 'train_cfg.max_epochs=2'],
-         cwd=tmp_path, env=env, timeout=300)
+    run_dist_train(['bash', osp.join(ROOT, 'tools/dist_train.sh'),
+                    tiny_config, '2', '--work-dir', work_dir,
+                    '--cfg-options', 'train_cfg.max_epochs=2'],
+                   cwd=tmp_path, env=env, timeout=300)
     assert osp.isfile(osp.join(work_dir, 'epoch_2.pth'))
     assert _logged_iters(work_dir) == [1, 2]
     # The CPU workaround of tools/train.py: gloo, DDP without device_ids.

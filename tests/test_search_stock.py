@@ -15,7 +15,7 @@ import torch
 
 import atomnas_mm  # noqa: F401
 from atomnas_mm.search.costs import FLOPsCost
-from harness import write_images
+from harness import free_port, run_dist_train, write_images
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 ENV = dict(os.environ, PYTHONWARNINGS='ignore', OMP_NUM_THREADS='1')
@@ -129,7 +129,7 @@ def test_stock_mobilenet_v2_search_train_test_export(tmp_path):
 def test_stock_detector_search_with_mmdet_tools(detector, tmp_path):
     pytest.importorskip('mmdet', reason='needs mmdet')
     from mmdet.models.backbones import ResNet
-    from test_detection import SMALL_HEADS, child_config, mmdet_tool, \
+    from detection_harness import SMALL_HEADS, child_config, mmdet_tool, \
         write_coco
     write_coco(str(tmp_path / 'coco'))
     backbone = ResNet(50)
@@ -195,11 +195,9 @@ def test_stock_search_resumes_and_runs_on_two_gloo_ranks(tmp_path):
     # two CPU processes (gloo): the decision is taken on rank 0 and
     # broadcast, the run lands the same way
     dist = tmp_path / 'dist'
-    out = subprocess.run(
-        ['bash', osp.join(ROOT, 'tools/dist_train.sh'), str(cfg), '2',
-         '--work-dir', str(dist)], cwd=ROOT, env=ENV, capture_output=True,
-        text=True, timeout=600)
-    assert out.returncode == 0, (out.stdout + out.stderr)[-5000:]
+    run_dist_train(['bash', osp.join(ROOT, 'tools/dist_train.sh'), str(cfg),
+                    '2', '--work-dir', str(dist)], cwd=ROOT,
+                   env=dict(ENV, PORT=str(free_port())), timeout=600)
     ckpt = torch.load(dist / 'epoch_2.pth', weights_only=True)
     assert target <= ckpt['meta']['atomnas_history'][-1]['flops'] <= \
         1.02 * target
