@@ -6,7 +6,6 @@ import shutil
 
 import pytest
 import torch
-from mmengine.runner import Runner
 
 import atomnas_mm  # noqa: F401
 from atomnas_mm.engine.hooks import AtomShrinkHook
