@@ -73,7 +73,7 @@ from collections import defaultdict
 
 import torch
 from torch import nn
-from mmengine.config import Config
+from mmengine.config import Config, DictAction
 from mmengine.hooks import Hook
 from mmengine.runner import Runner
 
@@ -340,16 +340,17 @@ def plan(args, full_flops):
     return runs
 
 
-def best_mode(done, method, fraction, modes):
+def best_mode(done, method, fraction, modes, variant=None):
     """The TP mode with the best top-1 on the first seed it ran."""
     scored = [(r['top1'], r['mode']) for r in done
               if r['method'] == method and r['fraction'] == fraction
-              and r['mode'] in modes]
+              and r['mode'] in modes and r.get('variant') == variant]
     return max(scored)[1] if scored else modes[0]
 
 
 def key(r):
-    return (r['config'], r['method'], r['mode'], r['fraction'], r['seed'])
+    return (r['config'], r['method'], r['mode'], r.get('variant'),
+            r['fraction'], r['seed'])
 
 
 def run_all(args, tmp, done, save):
@@ -367,13 +368,16 @@ def run_all(args, tmp, done, save):
         method, mode, fraction, seed = (job['method'], job['mode'],
                                         job['fraction'], job['seed'])
         if mode == 'best':
-            mode = best_mode(done, method, fraction, args.tp_modes)
+            mode = best_mode(done, method, fraction, args.tp_modes,
+                             args.label)
         if method == 'search' and args.round_to > 1:
             mode = f'round_to={args.round_to}'
         goal = fraction * full_flops
         record = dict(config=name, method=method, mode=mode,
                       fraction=fraction, seed=seed, target=goal,
                       full_flops=full_flops)
+        if args.label:
+            record['variant'] = args.label
         if any(key(r) == key(record) for r in done):
             continue
         work_dir = osp.join(tmp, f'{method}_{mode}_{fraction}_{seed}')
@@ -392,6 +396,8 @@ def run_all(args, tmp, done, save):
             shrink[0].round_to = args.round_to
         else:
             cfg = recipe_cfg(args, base, work_dir, seed)
+        if args.cfg_options:
+            cfg.merge_from_dict(args.cfg_options, allow_list_keys=True)
         if method == 'scaled':
             cfg.model, record['width'], flops = scaled_model(cfg.model, goal,
                                                              mode)
@@ -428,7 +434,10 @@ def table(runs):
     order = {m: i for i, m in enumerate(METHODS)}
     groups = defaultdict(list)
     for r in runs:
-        groups[r['config'], r['fraction'], r['method'], r['mode']].append(r)
+        mode = r['mode'] if 'variant' not in r else (
+            r['variant'] if r['mode'] == '-' else
+            f'{r["mode"]}, {r["variant"]}')
+        groups[r['config'], r['fraction'], r['method'], mode].append(r)
     lines = ['| net | method | target | backbone MFLOPs (per seed) | vs '
              'target % | top-1 mean +- half range | top-1 per seed (seeds) | '
              's/run |', '|---|---|---|---|---|---|---|---|']
@@ -480,6 +489,13 @@ def parse_args():
     parser.add_argument('--round-to', type=int, default=1,
                         help='the search\'s AtomShrinkHook round_to (its '
                         'runs are labelled round_to=N when N > 1)')
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
+                        help='overrides of every run\'s config, as in '
+                        'tools/train.py (e.g. custom_hooks.1.rho=1e-3 for '
+                        'a search, model.backbone.zero_init_residual=False)')
+    parser.add_argument('--label', help='a variant\'s name, recorded with '
+                        'its runs and shown in the table (with --cfg-options, '
+                        'so --json tells them from the default runs)')
     parser.add_argument('--save-searched', metavar='DIR',
                         help='copy each search\'s searched_arch.json (its '
                         'widths) to DIR')
