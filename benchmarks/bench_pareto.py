@@ -60,17 +60,16 @@ import time
 
 import torch
 from mmengine.config import Config
-from mmengine.hooks import Hook
-from mmengine.runner import Runner
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 sys.path.insert(0, ROOT)
 SEARCH_CONFIG = osp.join(ROOT, 'configs/demo/atomnas_fashion_mnist_target.py')
 SIZE = 28
-DEMO_ITERS = 4 * 469  # the demo's length, for scaling iteration counts
 METHODS = ('search', 'uniform', 'k3', 'retrain')
 
 import atomnas_mm  # noqa: E402,F401
+from demo_recipe import short_recipe  # noqa: E402
+from demo_recipe import train as train_recipe  # noqa: E402
 from atomnas_mm.export import inject_archs  # noqa: E402
 from atomnas_mm.models import AtomNAS, count_flops_params  # noqa: E402
 from atomnas_mm.search.shrink import find_backbones  # noqa: E402
@@ -135,54 +134,19 @@ def match_flops(make, goal, high=1.0, steps=24):
 
 
 # -- runs ---------------------------------------------------------------------
-class _Metrics(Hook):
-    """Keeps the metrics of the last validation."""
-
-    priority = 'LOWEST'
-
-    def __init__(self):
-        self.metrics = {}
-
-    def after_val_epoch(self, runner, metrics=None):
-        self.metrics = dict(metrics or {})
-
-
 def recipe_cfg(args, work_dir, seed):
     """The demo target config, shortened (see the module docstring)."""
-    cfg = Config.fromfile(SEARCH_CONFIG)
-    iters = args.epochs * -(-args.images // cfg.train_dataloader.batch_size)
-    scale = iters / DEMO_ITERS
-    cfg.work_dir = work_dir
-    cfg.log_level = 'WARNING'
-    cfg.randomness = dict(seed=seed, deterministic=False)
-    cfg.train_cfg = dict(by_epoch=True, max_epochs=args.epochs,
-                         val_interval=args.epochs)
-    cfg.param_scheduler = [
-        dict(type='LinearLR', start_factor=0.1, by_epoch=False, begin=0,
-             end=max(1, round(100 * scale))),
-        dict(type='CosineAnnealingLR', by_epoch=True, begin=0,
-             T_max=args.epochs, convert_to_iter_based=True)]
-    for name in ('train_dataloader', 'val_dataloader'):
-        loader = cfg[name]
-        loader.num_workers = args.workers
-        loader.persistent_workers = args.workers > 0
-    if args.images < 60000:
-        cfg.train_dataloader.dataset.indices = args.images
-    if args.val_images < 10000:
-        cfg.val_dataloader.dataset.indices = args.val_images
-    cfg.test_dataloader = cfg.test_evaluator = cfg.test_cfg = None
-    cfg.default_hooks.logger = dict(type='LoggerHook', interval=10**6)
-    cfg.default_hooks.checkpoint = None
+    cfg, scale = short_recipe(SEARCH_CONFIG, work_dir, seed, args.epochs,
+                              args.images, args.val_images, args.workers)
     for hook in cfg.custom_hooks:
         if hook.type.endswith('BNL1PenaltyHook'):
             hook.pop('warmup_epochs', None)
             hook.warmup_iters = round(0.5 * 469 * scale)
             if args.rho is not None:
                 hook.rho = args.rho
-        elif hook.type.endswith('AtomShrinkHook'):
-            hook.interval = max(1, round(hook.interval * scale))
-            if args.threshold is not None:
-                hook.threshold = args.threshold
+        elif hook.type.endswith('AtomShrinkHook') and \
+                args.threshold is not None:
+            hook.threshold = args.threshold
     return cfg
 
 
@@ -216,17 +180,11 @@ def baseline_cfg(args, work_dir, seed, arch):
 
 def train(cfg, extra_hooks=()):
     """Train; return top-1, backbone FLOPs, arch and wall seconds."""
-    runner = Runner.from_cfg(cfg)
-    record = _Metrics()
-    for hook in (record, ) + tuple(extra_hooks):
-        runner.register_hook(hook)
-    start = time.perf_counter()
-    runner.train()
-    seconds = time.perf_counter() - start
+    runner, top1, seconds = train_recipe(cfg, extra_hooks)
     model = runner.model.module if hasattr(runner.model, 'module') \
         else runner.model
     backbone = next(iter(find_backbones(model).values()))
-    result = dict(top1=float(record.metrics['accuracy/top1']),
+    result = dict(top1=top1,
                   flops=count_flops_params(backbone, (1, 1, SIZE, SIZE))[0],
                   arch=backbone.arch_dict(), seconds=seconds,
                   iters=runner.max_iters)

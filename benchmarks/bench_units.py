@@ -40,7 +40,7 @@ the final top-1 (EMA weights after BN re-calibration, whole test set) of:
   ``target=dict(flops=fraction * full)``; its final top-1 and the backbone
   FLOPs it ended with. Skipped with a message while the file is missing.
 
-Recipe (as benchmarks/bench_pareto.py): the demo config shortened to
+Recipe (benchmarks/demo_recipe.py, as bench_pareto.py): the demo config shortened to
 ``--epochs`` (4) on the first ``--images`` (15360) training images, batch
 128: 480 iterations. Iteration counts of the config are scaled by the run
 length over the demo's (4 x 469): the LR warm-up (100 -> 26 iterations) and
@@ -75,7 +75,6 @@ import torch
 from torch import nn
 from mmengine.config import Config, DictAction
 from mmengine.hooks import Hook
-from mmengine.runner import Runner
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -83,11 +82,13 @@ CONFIGS = dict(
     mbv2=osp.join(ROOT, 'configs/demo/mobilenet-v2_fashion_mnist.py'),
     r18=osp.join(ROOT, 'configs/demo/resnet-18_fashion_mnist.py'))
 SIZE = 28
-DEMO_ITERS = 4 * 469  # the demo's length, for scaling iteration counts
 METHODS = ('full', 'scaled', 'tp_bn', 'tp_l1', 'search')
 TP_MAX_RATIO = 0.7  # the per-layer cap of the "global" setting
 
 import atomnas_mm  # noqa: E402,F401
+from demo_recipe import iterations as recipe_iterations  # noqa: E402
+from demo_recipe import short_recipe  # noqa: E402
+from demo_recipe import train as train_recipe  # noqa: E402
 from atomnas_mm.models import count_flops_params  # noqa: E402
 
 
@@ -245,68 +246,20 @@ class TorchPruningHook(Hook):
 
 
 # -- runs ---------------------------------------------------------------------
-class _Metrics(Hook):
-    """Keeps the metrics of the last validation."""
-
-    priority = 'LOWEST'
-
-    def __init__(self):
-        self.metrics = {}
-
-    def after_val_epoch(self, runner, metrics=None):
-        self.metrics = dict(metrics or {})
-
-
-def iterations(args, cfg):
-    return args.epochs * -(-args.images // cfg.train_dataloader.batch_size)
-
-
 def recipe_cfg(args, path, work_dir, seed):
     """The config at ``path``, shortened (see the module docstring)."""
-    cfg = Config.fromfile(path)
-    scale = iterations(args, cfg) / DEMO_ITERS
-    cfg.work_dir = work_dir
-    cfg.log_level = 'WARNING'
-    cfg.randomness = dict(seed=seed, deterministic=False)
-    cfg.train_cfg = dict(by_epoch=True, max_epochs=args.epochs,
-                         val_interval=args.epochs)
-    cfg.param_scheduler = [
-        dict(type='LinearLR', start_factor=0.1, by_epoch=False, begin=0,
-             end=max(1, round(100 * scale))),
-        dict(type='CosineAnnealingLR', by_epoch=True, begin=0,
-             T_max=args.epochs, convert_to_iter_based=True)]
-    for name in ('train_dataloader', 'val_dataloader'):
-        loader = cfg[name]
-        loader.num_workers = args.workers
-        loader.persistent_workers = args.workers > 0
-    if args.images < 60000:
-        cfg.train_dataloader.dataset.indices = args.images
-    if args.val_images < 10000:
-        cfg.val_dataloader.dataset.indices = args.val_images
-    cfg.test_dataloader = cfg.test_evaluator = cfg.test_cfg = None
-    cfg.default_hooks.logger = dict(type='LoggerHook', interval=10**6)
-    cfg.default_hooks.checkpoint = None
-    for hook in cfg.get('custom_hooks', []):
-        if hook.type.endswith('AtomShrinkHook') and not hook.get(
-                'by_epoch', True):
-            hook.interval = max(1, round(hook.interval * scale))
-    return cfg
+    return short_recipe(path, work_dir, seed, args.epochs, args.images,
+                        args.val_images, args.workers)[0]
 
 
 def train(cfg, extra_hooks=()):
     """Train; return top-1, backbone FLOPs, wall seconds and iterations."""
-    runner = Runner.from_cfg(cfg)
-    record = _Metrics()
-    for hook in (record, ) + tuple(extra_hooks):
-        runner.register_hook(hook)
-    start = time.perf_counter()
-    runner.train()
-    seconds = time.perf_counter() - start
+    runner, top1, seconds = train_recipe(cfg, extra_hooks)
     model = runner.model.module if hasattr(runner.model, 'module') \
         else runner.model
-    result = dict(top1=float(record.metrics['accuracy/top1']),
-                  flops=backbone_flops(model.backbone), seconds=seconds,
-                  iters=runner.max_iters, load=os.getloadavg()[0])
+    result = dict(top1=top1, flops=backbone_flops(model.backbone),
+                  seconds=seconds, iters=runner.max_iters,
+                  load=os.getloadavg()[0])
     del runner
     return result
 
@@ -358,7 +311,8 @@ def run_all(args, tmp, done, save):
     name = osp.basename(base)
     cfg0 = Config.fromfile(base)
     full_flops = backbone_flops(build_backbone(cfg0.model.backbone))
-    iters = iterations(args, cfg0)
+    iters = recipe_iterations(args.epochs, args.images,
+                              cfg0.train_dataloader.batch_size)
     print(f'{name}: full backbone {full_flops / 1e6:.3f}M multiply-adds at '
           f'1x{in_channels(build_backbone(cfg0.model.backbone))}x{SIZE}x'
           f'{SIZE}; {iters} iterations', flush=True)
