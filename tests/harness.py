@@ -38,6 +38,7 @@ from torch.utils.data import Dataset
 
 import atomnas_mm  # noqa: F401
 from atomnas_mm.models import AtomNAS, count_flops_params
+from atomnas_mm.search.shrink import apply_plan
 from atomnas_mm.utils import cpu_ddp_workaround
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
@@ -241,6 +242,19 @@ def kill_every_other(units):
                 gamma[start % 2::2] = 0
         plan[name] = torch.arange(1, unit.num_channels, 2)
     return plan
+
+
+def exact_shrink_logits(model, units, plan, x):
+    """``model``'s eval logits on ``x`` before and after ``plan`` is applied
+    to it; every unit of the plan folds exactly and the logits depend on
+    the input (else the comparison would prove nothing)."""
+    with torch.no_grad():
+        before = model(x, mode='tensor')
+        assert all(units[n].error_bound(k) == 0 for n, k in plan.items())
+        apply_plan(model, plan)
+        after = model(x, mode='tensor')
+    assert (before[0] - before[1]).abs().max() > 0.1
+    return before, after
 
 
 def remove_at_random(widths, seed=1):
