@@ -52,11 +52,18 @@ Validation at the end only; one torch thread per run; logs off.
         --json benchmarks/results/units_baselines_mbv2.json
     .venv/bin/python benchmarks/bench_units.py --config r18 --fractions 0.3 \\
         --json benchmarks/results/units_baselines_r18.json
+    .venv/bin/python benchmarks/bench_units.py --config r18 --methods search \
+        --cfg-options model.backbone.zero_init_residual=False \
+        --label zero_init_residual=False --json variant.json
     .venv/bin/python benchmarks/bench_units.py --from-json a.json b.json
 
 ``--json`` is written after every run and read first: runs already in it
-(same method, mode, fraction, seed) are not trained again, so an interrupted
-or split benchmark continues; ``--from-json`` merges files and prints.
+(same method, mode, variant label, fraction, seed) are not trained again,
+so an interrupted or split benchmark continues; ``--from-json`` merges
+files and prints. A variant of the search that ``--cfg-options`` cannot
+write (e.g. other finders) is a search config beside a copy of the base
+config: ``--config /tmp/variant/resnet-18_fashion_mnist.py`` with
+``/tmp/variant/resnet-18_fashion_mnist_search.py``.
 """
 import argparse
 import copy
