@@ -2,7 +2,6 @@
 import copy
 import os.path as osp
 
-import torch
 from mmengine.dist import broadcast_object_list, is_main_process
 from mmengine.hooks import Hook
 from mmengine.hooks.ema_hook import EMAHook
@@ -220,10 +219,10 @@ class AtomShrinkHook(Hook):
 
     # -- the work -------------------------------------------------------------
     def plan_and_steer(self, runner, final=False):
-        """The shrink plan, its cost, whether it lands the net on the
-        budget and the per-channel costs (the model is costed once per
-        check); decided on rank 0 by the planner, broadcast (with the budget
-        controller's new penalty scale)."""
+        """The searched units, the shrink plan, its cost, whether it lands
+        the net on the budget and the per-channel costs (the model is costed
+        once per check); decided on rank 0 by the planner, broadcast (with
+        the budget controller's new penalty scale)."""
         model, planner = self._model(runner), self.planner
         units = planner.units(model)
         widths, costs = planner.costing(model, units)
@@ -240,7 +239,7 @@ class AtomShrinkHook(Hook):
         plan, scale, lands = decision
         if scale is not None:
             planner.controller.scale = scale
-        return plan, planner.removed(model, plan, costs), lands, costs
+        return units, plan, planner.removed(model, plan, costs), lands, costs
 
     def _log_budget(self, runner, step, final):
         controller = self.planner.controller
@@ -272,9 +271,9 @@ class AtomShrinkHook(Hook):
         Returns:
             dict: The applied plan (empty when nothing was removed).
         """
-        plan, cost, lands, costs = self.plan_and_steer(runner, final)
+        units, plan, cost, lands, costs = self.plan_and_steer(runner, final)
         if self.planner.fires(self._model(runner), plan, costs, lands, final):
-            self._shrink(runner, plan, epoch, iteration, cost)
+            self._shrink(runner, units, plan, epoch, iteration, cost)
         else:
             plan = {}
         controller = self.planner.controller
@@ -285,8 +284,7 @@ class AtomShrinkHook(Hook):
                 'is off for the rest of training')
         return plan
 
-    def _shrink(self, runner, plan, epoch, iteration, cost):
-        units = find_units(self._model(runner))
+    def _shrink(self, runner, units, plan, epoch, iteration, cost):
         removed = {name: units[name].num_channels - len(keep)
                    for name, keep in plan.items()}
         bound = max(units[name].error_bound(keep)
