@@ -38,12 +38,16 @@ def whole_net_ratios(net, first_table, remeasure, attempts=3):
     return ratios
 
 
+def split_table(net):
+    """An ORT table of ``net`` at 32 px in the split form, 2 samples."""
+    return measure_table(net, input_size=32, samples=2, min_run_time=0.01,
+                         progress=False, runtime='onnxruntime', form='split')
+
+
 @pytest.fixture(scope='module')
 def measured():
     net = AtomNAS(arch=SUPERNET).eval()
-    return net, measure_table(net, input_size=32, samples=2,
-                              min_run_time=0.01, progress=False,
-                              runtime='onnxruntime', form='split')
+    return net, split_table(net)
 
 
 def test_ort_table_round_trip_on_a_tiny_net(measured):
@@ -85,9 +89,7 @@ def test_ort_table_round_trip_on_a_tiny_net(measured):
     # The whole net measured in ONNX Runtime: the sum of its parts, each
     # without its own session call. Loose (a shared machine); the parts
     # with their calls predicted 4x the whole net on the demo supernet.
-    ratios = whole_net_ratios(net, table, lambda: measure_table(
-        net, input_size=32, samples=2, min_run_time=0.01, progress=False,
-        runtime='onnxruntime', form='split'))
+    ratios = whole_net_ratios(net, table, lambda: split_table(net))
     assert 0.5 < ratios[-1] < 2.0, ratios
 
 
